@@ -1,0 +1,1 @@
+"""DDPM core: noise schedules, DDIM sampling with log-probs, the UNet."""

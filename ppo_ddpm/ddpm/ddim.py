@@ -1,0 +1,143 @@
+"""DDIM sampling (Song et al. 2021, eq. 12) with the Gaussian log-prob of each step.
+
+For a step t -> t_prev with abar_t = alphas_cumprod[t] and abar_prev = alphas_cumprod[t_prev]
+(or the final value when t_prev < 0):
+
+    x0_hat  = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)                (clamped to [-c, c] if clip_x0)
+    sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    mu_t    = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps
+    x_prev  = mu_t + sigma_t z,   z ~ N(0, I)
+
+The policy's log-prob of the action x_prev uses s_t = max(sigma_t, sigma_floor):
+
+    log pi(x_prev | x_t) = -||x_prev - mu_t||^2 / (2 s_t^2) - D log s_t - (D / 2) log(2 pi)
+
+summed over the D = C*H*W pixels (``reduction='mean'`` divides by D).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def ddim_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
+    """Descending DDIM timesteps [n], as diffusers' ``DDIMScheduler.set_timesteps``.
+
+    leading:  t_i = i * (T // n) + offset, i = n-1..0
+    trailing: t_i = round(T - i * T / n) - 1, i = 0..n-1
+    """
+    n, T = num_inference_steps, num_train_timesteps
+    if not 1 <= n <= T:
+        raise ValueError(f"sampling.num_inference_steps must be in [1, {T}], got {n}")
+    if spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"sampling.spacing must be 'leading' or 'trailing', got {spacing!r}")
+    return torch.from_numpy(ts.copy())
+
+
+def ddim_sigma(abar_t: torch.Tensor, abar_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t = eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))."""
+    var = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    return eta * var.clamp_min(0).sqrt()
+
+
+@dataclass
+class DDIMPlan:
+    """Per-inference-step tensors of one DDIM trajectory (all shape [n], step i = i-th network call).
+
+    timesteps, prev_timesteps: int64; abar_t, abar_prev, sigma: float32.
+    """
+
+    timesteps: torch.Tensor
+    prev_timesteps: torch.Tensor
+    abar_t: torch.Tensor
+    abar_prev: torch.Tensor
+    sigma: torch.Tensor
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def to(self, device) -> "DDIMPlan":
+        return DDIMPlan(*(getattr(self, f).to(device) for f in ("timesteps", "prev_timesteps", "abar_t", "abar_prev", "sigma")))
+
+
+def make_ddim_plan(alphas_cumprod: torch.Tensor, num_inference_steps: int, eta: float, spacing: str = "leading", set_alpha_to_one: bool = True) -> DDIMPlan:
+    """Build the n-step plan from abar [T] (float64 maths, float32 result), as diffusers' DDIMScheduler."""
+    T = alphas_cumprod.numel()
+    ac = alphas_cumprod.detach().double().cpu()
+    ts = ddim_timesteps(num_inference_steps, T, spacing)
+    prev = ts - T // num_inference_steps
+    final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else ac[0]
+    abar_t = ac[ts]
+    abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)], final)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    return DDIMPlan(ts, prev, abar_t.float(), abar_prev.float(), sigma.float())
+
+
+def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
+    """Scalar or [B] -> float32 [B, 1, ..., 1] broadcastable against x [B, ...]."""
+    v = torch.as_tensor(v, dtype=torch.float32, device=x.device)
+    if v.dim() == 0:
+        v = v.expand(x.shape[0])
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, s, reduction: str = "sum") -> torch.Tensor:
+    """log N(x; mean, s^2 I) per sample [B], float32 maths; s scalar or [B]."""
+    x32, m32 = x.float(), mean.float()
+    s = _per_sample(s, x32).reshape(-1)
+    D = x32[0].numel()
+    sq = (x32 - m32).pow(2).flatten(1).sum(1)
+    lp = -sq / (2 * s * s) - D * torch.log(s) - 0.5 * D * LOG_2PI
+    if reduction == "mean":
+        return lp / D
+    if reduction != "sum":
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    return lp
+
+
+def ddim_step_reference(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t,
+    abar_prev,
+    sigma,
+    noise: torch.Tensor | None = None,
+    x_prev: torch.Tensor | None = None,
+    clip_x0: float | None = None,
+    sigma_floor: float = 0.0,
+    reduction: str = "sum",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step with its log-prob (plain PyTorch; the reference of the fused kernel).
+
+    x_t, eps: [B, C, H, W]; abar_t, abar_prev, sigma: scalars or [B] (per-sample, no host sync).
+    Give ``noise`` to sample x_prev = mu + sigma * noise, or ``x_prev`` to score a cached action.
+    Returns (x_prev [B, ...] in x_t's dtype, mu [B, ...] in x_t's dtype, log_prob [B] float32).
+    """
+    if noise is not None and x_prev is not None:
+        raise ValueError("give either noise or x_prev, not both")
+    x32, e32 = x_t.float(), eps.float()
+    a_t, a_p, sig = _per_sample(abar_t, x32), _per_sample(abar_prev, x32), _per_sample(sigma, x32)
+    x0 = (x32 - (1 - a_t).sqrt() * e32) / a_t.sqrt()
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+    mean = a_p.sqrt() * x0 + (1 - a_p - sig * sig).clamp_min(0).sqrt() * e32
+    if x_prev is None:
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+        x_prev32 = mean + sig * noise.float()
+    else:
+        x_prev32 = x_prev.float()
+    s = sig.reshape(-1).clamp_min(sigma_floor)
+    log_prob = gaussian_log_prob(x_prev32, mean, s, reduction)
+    return x_prev32.to(x_t.dtype), mean.to(x_t.dtype), log_prob
