@@ -1,1 +1,25 @@
-"""ppo_ddpm.data"""
+"""Image data: folders of images <-> tensors in [-1, 1], and the procedural "real" dataset."""
+from .images import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    list_images,
+    load_image,
+    load_images,
+    save_grid,
+    save_images,
+    to_uint8,
+)
+from .procedural import make_procedural_dataset, procedural_images
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DataError",
+    "list_images",
+    "load_image",
+    "load_images",
+    "make_procedural_dataset",
+    "procedural_images",
+    "save_grid",
+    "save_images",
+    "to_uint8",
+]
