@@ -109,13 +109,14 @@ if HAS_TRITON:
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         total = tl.sum(tl.load(part_ptr + b * nchunks + offs, mask=offs < nchunks, other=0.0), axis=0)
-        s = tl.maximum(tl.load(sigma_ptr + b), sigma_floor)
-        lr = total / (2.0 * s * s)
+        s = tl.maximum(tl.load(sigma_ptr + b), sigma_floor).to(tl.float64)  # per-sample maths in fp64
+        lr = total.to(tl.float64) / (2.0 * s * s)
         if FROM_LOGPROB:
-            lr = lr - D * tl.log(s) - half_d_log2pi - tl.load(old_ptr + b).to(tl.float32)
+            lr = lr - D * tl.log(s) - half_d_log2pi - tl.load(old_ptr + b).to(tl.float64)
+        lr = lr.to(tl.float32)
         keep = tl.abs(lr) <= clip
         tl.store(out_ptr + b, tl.minimum(tl.maximum(lr, -clip), clip))
-        tl.store(scale_ptr + b, tl.where(keep, 1.0 / (s * s), 0.0))
+        tl.store(scale_ptr + b, tl.where(keep, 1.0 / (s * s), 0.0).to(tl.float32))
 
     @triton.jit
     def _backward_kernel(x_ptr, mn_ptr, g_ptr, scale_ptr, grad_ptr, D, chunk_len, BLOCK: tl.constexpr):
