@@ -1,0 +1,237 @@
+"""Base vs fine-tuned DDPM on the same noise: ``python -m ppo_ddpm.eval --cfg FILE [--base P] [--finetuned P]``.
+
+Batch k of ``eval.batch_size`` samples draws x_T and every step's z from one generator seeded
+``eval.seed + k``; the base model and the fine-tuned model consume the identical draws.
+Reported (``{output_dir}/eval/eval.json``, TensorBoard under ``{output_dir}/tb``, tag ``eval/``):
+
+- reward mean and std (population, ddof 0) of each model;
+- win rate = mean_b [r_ft,b > r_base,b] (same noise b);
+- per-step KL drift along the fine-tuned trajectory, with s_t = max(sigma_t, ppo.sigma_floor):
+  KL_t = mean_b ||mu_ft(x_t) - mu_base(x_t)||^2 / (2 s_t^2), x_t the fine-tuned state;
+  ``kl_drift_total`` = sum_t KL_t (the KL of the two trajectory distributions, given the same x_T);
+- diversity = mean pairwise L2 distance ||x0_i - x0_j|| over the samples of one model.
+
+Images: ``side_by_side.png`` (base | fine-tuned, same noise in the same grid cell) and
+``reward_hist.png``. Defaults: base = ``model.pretrained`` (or the run's pretrained model from
+pipeline.json), fine-tuned = ``{output_dir}/finetuned.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .config import Config, ConfigError, add_config_args, config_from_args
+from .ddpm.ddim import ddim_step_reference, make_ddim_plan
+from .ddpm.model import load_model
+from .ddpm.sample import ddim_sample
+from .ddpm.schedules import NoiseSchedule
+from .utils import resolve_device
+from .utils.checkpoint import CheckpointError, atomic_write_text
+
+GRID = 16  # samples shown per model in side_by_side.png
+BASE_COLOUR, FT_COLOUR = (60, 110, 200), (230, 120, 40)
+
+
+@torch.no_grad()
+def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator):
+    """Sample x_0 from ``ft`` (draws as ``ddim_sample``) -> (x_0 [B,...], KL [n, B] float64).
+
+    KL[i, b] = ||mu_ft - mu_base||^2 / (2 s_i^2) with both means taken at the fine-tuned state x_t.
+    """
+    x = x_T
+    kl = torch.zeros(plan.num_steps, x_T.shape[0], dtype=torch.float64, device=x_T.device)
+    for i in range(plan.num_steps):
+        t = plan.timesteps[i].expand(x.shape[0])
+        step = (plan.abar_t[i], plan.abar_prev[i], plan.sigma[i])
+        x_next, mu_ft, _ = ddim_step_reference(x, ft(x, t, class_labels), *step, clip_x0=clip_x0, generator=generator)
+        _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *step, x_prev=x_next, clip_x0=clip_x0)
+        kl[i] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)
+        x = x_next
+    return x, kl
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """mean_{i<j} ||x_i - x_j||_2 over the flattened samples (float64); 0 for one sample."""
+    if x.shape[0] < 2:
+        return 0.0
+    return torch.pdist(x.flatten(1).double()).mean().item()
+
+
+def _upscaled_grid(x: torch.Tensor, width: int = 256) -> Image.Image:
+    from .data import to_uint8
+
+    n, _, h, w = x.shape
+    nrow = min(4, n)
+    rows = -(-n // nrow)
+    grid = np.zeros((rows * (h + 1) + 1, nrow * (w + 1) + 1, 3), np.uint8)
+    for i, img in enumerate(to_uint8(x.cpu()).numpy()):
+        r, c = divmod(i, nrow)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
+    im = Image.fromarray(grid, "RGB")
+    k = max(1, width // im.width)
+    return im.resize((im.width * k, im.height * k), Image.NEAREST)
+
+
+def side_by_side(x_base: torch.Tensor, x_ft: torch.Tensor, path: Path) -> Path:
+    """PNG: the base grid (left) and the fine-tuned grid (right), labelled."""
+    a, b = _upscaled_grid(x_base), _upscaled_grid(x_ft)
+    pad, head = 12, 18
+    im = Image.new("RGB", (a.width + b.width + 3 * pad, max(a.height, b.height) + head + pad), "white")
+    im.paste(a, (pad, head))
+    im.paste(b, (2 * pad + a.width, head))
+    draw = ImageDraw.Draw(im)
+    draw.text((pad, 3), "base", fill=BASE_COLOUR)
+    draw.text((2 * pad + a.width, 3), "fine-tuned", fill=FT_COLOUR)
+    im.save(path)
+    return path
+
+
+def reward_histogram(r_base: np.ndarray, r_ft: np.ndarray, path: Path, bins: int = 20) -> Path:
+    """PNG: reward histograms of both models on shared bins (base left bar, fine-tuned right bar)."""
+    W, H, m = 480, 300, 36
+    lo, hi = float(min(r_base.min(), r_ft.min())), float(max(r_base.max(), r_ft.max()))
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    hb, hf = np.histogram(r_base, edges)[0], np.histogram(r_ft, edges)[0]
+    top = max(hb.max(), hf.max(), 1)
+    im = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(im)
+    x0, y0, pw, ph = m, H - m, W - 2 * m, H - 2 * m
+    bw = pw / bins
+    for i in range(bins):
+        for j, (h, colour) in enumerate(((hb[i], BASE_COLOUR), (hf[i], FT_COLOUR))):
+            if h:
+                left = x0 + i * bw + j * bw / 2
+                d.rectangle([left, y0 - ph * h / top, left + bw / 2 - 1, y0], fill=colour)
+    d.line([x0, y0, x0 + pw, y0], fill="black")
+    d.line([x0, y0, x0, y0 - ph], fill="black")
+    d.text((x0, y0 + 6), f"{lo:.3g}", fill="black")
+    d.text((x0 + pw - 40, y0 + 6), f"{hi:.3g}", fill="black")
+    d.text((4, y0 - ph - 14), f"count (max {top})", fill="black")
+    d.text((x0 + 60, 6), f"base mean {r_base.mean():.4g}", fill=BASE_COLOUR)
+    d.text((x0 + 240, 6), f"fine-tuned mean {r_ft.mean():.4g}", fill=FT_COLOUR)
+    d.text((x0 + pw // 2 - 20, y0 + 6), "reward", fill="black")
+    im.save(path)
+    return path
+
+
+def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None = None) -> dict:
+    """Compare the two models on ``cfg.eval.num_samples`` shared noises; write the artefacts; return the summary."""
+    from .reward import build_reward
+
+    if cfg.eval.num_samples < 1 or cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.num_samples and eval.batch_size must be >= 1, got {cfg.eval.num_samples}, {cfg.eval.batch_size}")
+    device = resolve_device(cfg.device)
+    base = load_model(base_path, cfg.model).to(device).eval()
+    ft = load_model(finetuned_path, cfg.model).to(device).eval()
+    reward_fn = build_reward(cfg.reward, device)
+    sc = cfg.sampling
+    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
+                          sc.spacing, sc.set_alpha_to_one).to(device)
+    s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
+    if (s <= 0).any():
+        raise ConfigError(f"sampling.eta={sc.eta} gives sigma_t = 0 at some step and ppo.sigma_floor={cfg.ppo.sigma_floor}; "
+                          "the KL drift needs s_t = max(sigma_t, sigma_floor) > 0: set ppo.sigma_floor > 0")
+    shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+    xs_b, xs_f, rs_b, rs_f, kls = [], [], [], [], []
+    for k, start in enumerate(range(0, cfg.eval.num_samples, cfg.eval.batch_size)):
+        B = min(cfg.eval.batch_size, cfg.eval.num_samples - start)
+        gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + k)
+        x_T = torch.randn((B, *shape), generator=gen, device=device)
+        labels = (torch.randint(cfg.model.num_classes, (B,), generator=gen, device=device)
+                  if cfg.model.num_classes > 0 else None)
+        noise_state = gen.get_state()
+        x_b = ddim_sample(base, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
+        gen.set_state(noise_state)
+        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen)
+        xs_b.append(x_b.float().cpu())
+        xs_f.append(x_f.float().cpu())
+        rs_b.append(reward_fn(x_b, labels).double().cpu())
+        rs_f.append(reward_fn(x_f, labels).double().cpu())
+        kls.append(kl.cpu())
+    x_b, x_f = torch.cat(xs_b), torch.cat(xs_f)
+    r_b, r_f = torch.cat(rs_b).numpy(), torch.cat(rs_f).numpy()
+    kl_steps = torch.cat(kls, dim=1).mean(dim=1)
+    result = {
+        "num_samples": int(len(r_b)),
+        "base_reward_mean": float(r_b.mean()), "base_reward_std": float(r_b.std()),
+        "finetuned_reward_mean": float(r_f.mean()), "finetuned_reward_std": float(r_f.std()),
+        "reward_gain": float(r_f.mean() - r_b.mean()),
+        "win_rate": float((r_f > r_b).mean()),
+        "kl_drift_total": float(kl_steps.sum()),
+        "kl_drift_per_step": [float(v) for v in kl_steps],
+        "timesteps": [int(t) for t in plan.timesteps.cpu()],
+        "base_diversity": mean_pairwise_distance(x_b), "finetuned_diversity": mean_pairwise_distance(x_f),
+        "base_rewards": [float(v) for v in r_b], "finetuned_rewards": [float(v) for v in r_f],
+        "base_path": str(base_path), "finetuned_path": str(finetuned_path), "seed": cfg.eval.seed,
+    }
+    _write_artefacts(cfg, result, x_b, x_f, step)
+    return result
+
+
+def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Tensor, step: int | None) -> None:
+    out = Path(cfg.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    grid = side_by_side(x_b[:GRID], x_f[:GRID], out / "side_by_side.png")
+    hist = reward_histogram(np.array(result["base_rewards"]), np.array(result["finetuned_rewards"]), out / "reward_hist.png")
+    atomic_write_text(json.dumps(result, indent=2), out / "eval.json")
+    if not cfg.logging.tensorboard:
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = cfg.ppo.iterations if step is None else step
+    with SummaryWriter(str(Path(cfg.output_dir) / "tb")) as w:
+        for k, v in result.items():
+            if isinstance(v, float):
+                w.add_scalar(f"eval/{k}", v, step)
+        for i, v in enumerate(result["kl_drift_per_step"]):
+            w.add_scalar("eval/kl_drift_by_step", v, i)
+        w.add_histogram("eval/base_rewards", np.array(result["base_rewards"]), step)
+        w.add_histogram("eval/finetuned_rewards", np.array(result["finetuned_rewards"]), step)
+        for tag, path in (("eval/side_by_side", grid), ("eval/reward_hist", hist)):
+            w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+
+def format_summary(r: dict) -> str:
+    """Human-readable lines: both mean rewards, win rate, KL drift, diversity."""
+    return "\n".join([
+        f"[eval] {r['num_samples']} samples, same noise for both models",
+        f"[eval] base       mean reward {r['base_reward_mean']:+.4f} (std {r['base_reward_std']:.4f}), diversity {r['base_diversity']:.3f}",
+        f"[eval] fine-tuned mean reward {r['finetuned_reward_mean']:+.4f} (std {r['finetuned_reward_std']:.4f}), diversity {r['finetuned_diversity']:.3f}",
+        f"[eval] reward gain {r['reward_gain']:+.4f}, win rate {r['win_rate']:.3f}, KL drift from base {r['kl_drift_total']:.4g} nats",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .pipeline import PipelineError, prepare
+    from .reward import RewardError
+
+    parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.eval", description=__doc__.split("\n")[0]))
+    parser.add_argument("--base", default=None, help="base model (default: model.pretrained or the run's pretrained model)")
+    parser.add_argument("--finetuned", default=None, help="fine-tuned model (default: {output_dir}/finetuned.pth)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.base is not None:
+            cfg.model.pretrained = args.base
+        cfg = prepare(cfg, run=False, stages=("pretrain", "reward"))
+        finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
+        if not Path(finetuned).exists():
+            raise CheckpointError(f"fine-tuned model {finetuned} does not exist; run `python -m ppo_ddpm.finetune` or pass --finetuned")
+        result = evaluate(cfg, cfg.model.pretrained, finetuned)
+    except (ConfigError, CheckpointError, PipelineError, RewardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(result))
+    print(f"[eval] wrote {Path(cfg.output_dir) / 'eval'}/eval.json, side_by_side.png, reward_hist.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
