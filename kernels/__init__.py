@@ -4,3 +4,24 @@ Each op lives in its own file with a plain-PyTorch reference, an autograd.Functi
 functional API that runs Triton on CUDA (or under ``TRITON_INTERPRET=1``) and the
 reference on CPU.
 """
+
+from .ddim_step import ddim_step, ddim_step_reference
+from .gaussian_log_ratio import (
+    gaussian_log_ratio,
+    gaussian_log_ratio_from_logprob,
+    gaussian_log_ratio_from_logprob_reference,
+    gaussian_log_ratio_reference,
+)
+from .ppo_trajectory import TrajectoryPPO, trajectory_ppo, trajectory_ppo_reference
+
+__all__ = [
+    "ddim_step",
+    "ddim_step_reference",
+    "gaussian_log_ratio",
+    "gaussian_log_ratio_from_logprob",
+    "gaussian_log_ratio_from_logprob_reference",
+    "gaussian_log_ratio_reference",
+    "TrajectoryPPO",
+    "trajectory_ppo",
+    "trajectory_ppo_reference",
+]
