@@ -1,0 +1,152 @@
+"""Pass 1 pieces: start/step noise, the no-grad DDIM rollout loop, the no-grad ratio pass,
+advantages. The loops are plain functions of static buffers, so the same code runs eagerly
+(CPU) and inside a CUDA graph (``graphs.py``): identical maths on both paths.
+
+One episode is the DDIM reverse process x_T -> x_0 with the plan's n steps (step i = i-th
+network call, from timestep t_i). With the stored state x_i (``cache.state(i)``):
+
+    eps_i    = policy(x_i, t_i, y)
+    x_{i+1}  = mu_i + sigma_i z_i,       mu_i = DDIM mean (``ddpm.ddim``), z_i ~ N(0, I)
+    action   = cache.state(i+1)          (x_{i+1} rounded to the cache's state dtype)
+    logp_i   = log N(action; mu_i, s_i^2 I),  s_i = max(sigma_i, sigma_floor)
+
+The log-prob is scored on the *stored* action by the very call the ratio pass makes
+(``ddim_step(..., x_prev=action)``), so at unchanged parameters log r = logp_new - logp_old is
+exactly 0, for fp32 and bf16 storage alike.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..ddpm.ddim import DDIMPlan
+
+
+def kernel_ops(use_kernels: bool) -> SimpleNamespace:
+    """The fused ops of ``ppo_ddpm.kernels`` (Triton on CUDA / under TRITON_INTERPRET, else their
+    reference) when ``use_kernels``, else the pure-PyTorch references."""
+    S, G, P = (importlib.import_module(f"ppo_ddpm.kernels.{m}") for m in ("ddim_step", "gaussian_log_ratio", "ppo_trajectory"))
+
+    if use_kernels:
+        return SimpleNamespace(ddim_step=S.ddim_step, log_ratio=G.gaussian_log_ratio_from_logprob,
+                               trajectory_ppo=P.trajectory_ppo)
+    return SimpleNamespace(ddim_step=S.ddim_step_reference, log_ratio=G.gaussian_log_ratio_from_logprob_reference,
+                           trajectory_ppo=P.trajectory_ppo_reference)
+
+
+def check_sigma_floor(plan: DDIMPlan, sigma_floor: float) -> None:
+    """Host-side, once: a step with sigma_t = 0 and no floor has no density (log-prob undefined)."""
+    if sigma_floor < 0:
+        raise ValueError(f"ppo.sigma_floor must be >= 0, got {sigma_floor}")
+    zero = (plan.sigma.cpu() <= 0).nonzero().flatten().tolist()
+    if zero and sigma_floor == 0:
+        raise ValueError(
+            f"DDIM steps {zero} (timesteps {plan.timesteps.cpu()[zero].tolist()}) are deterministic (sigma_t = 0), "
+            "so their log-probs are undefined and PPO ratios cannot be computed. Set ppo.sigma_floor > 0 "
+            "(log-probs then use s_t = max(sigma_t, sigma_floor)), or make every step stochastic: "
+            "sampling.eta > 0 and sampling.set_alpha_to_one: false"
+        )
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed mixed from non-negative ints, e.g. (cfg.seed, iteration, rank): the rollout seed
+    of one rank at one iteration (offset per rank, deterministic, resumable)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+@dataclass
+class RolloutNoise:
+    """All randomness of one rollout: x_T [B, C, H, W], step noise z [n, B, C, H, W], labels [B] | None."""
+
+    x_T: torch.Tensor
+    z: torch.Tensor
+    labels: Optional[torch.Tensor]
+
+    @classmethod
+    def empty(cls, batch: int, steps: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
+        labels = torch.zeros(batch, dtype=torch.long, device=device) if num_classes > 0 else None
+        return cls(torch.empty(batch, *shape, device=device, dtype=dtype),
+                   torch.empty(steps, batch, *shape, device=device, dtype=dtype), labels)
+
+    @classmethod
+    def draw(cls, seed: int, batch: int, steps: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
+        """Draw from a generator seeded by ``seed`` (x_T, then z, then labels in [0, num_classes))."""
+        out = cls.empty(batch, steps, shape, num_classes, device, dtype)
+        out.fill_(seed, num_classes)
+        return out
+
+    def fill_(self, seed: int, num_classes: int) -> "RolloutNoise":
+        """Redraw in place (static buffers of the CUDA graph): same values as :meth:`draw`."""
+        gen = torch.Generator(device=self.x_T.device).manual_seed(seed)
+        self.x_T.normal_(generator=gen)
+        self.z.normal_(generator=gen)
+        if self.labels is not None:
+            self.labels.random_(0, num_classes, generator=gen)
+        return self
+
+    def copy_(self, other: "RolloutNoise") -> "RolloutNoise":
+        if other.x_T.shape != self.x_T.shape or other.z.shape != self.z.shape:
+            raise ValueError(f"rollout noise must have x_T {tuple(self.x_T.shape)} and z {tuple(self.z.shape)}, "
+                             f"got {tuple(other.x_T.shape)} and {tuple(other.z.shape)}")
+        if (other.labels is None) != (self.labels is None):
+            raise ValueError("rollout noise labels must be given iff model.num_classes > 0")
+        self.x_T.copy_(other.x_T)
+        self.z.copy_(other.z)
+        if self.labels is not None:
+            self.labels.copy_(other.labels)
+        return self
+
+    @classmethod
+    def cat(cls, parts: list["RolloutNoise"]) -> "RolloutNoise":
+        """Concatenate shards along the batch: the global batch of several ranks' seeds."""
+        labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
+        return cls(torch.cat([p.x_T for p in parts]), torch.cat([p.z for p in parts], 1), labels)
+
+
+def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, ops, *, clip_x0, sigma_floor: float) -> None:
+    """Fill ``cache`` states 0..n and log-probs 0..n-1 (formulas in the module docstring).
+
+    No host syncs and no data-dependent shapes: capturable in a CUDA graph. ``plan`` on the device.
+    """
+    B, dtype = noise.x_T.shape[0], noise.x_T.dtype
+    cache.record_state(0, noise.x_T)
+    x = cache.state(0).to(dtype)
+    for i in range(plan.num_steps):
+        coefs = (plan.abar_t[i].expand(B), plan.abar_prev[i].expand(B), plan.sigma[i].expand(B))
+        eps = policy(x, plan.timesteps[i].expand(B), noise.labels)
+        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=noise.z[i], clip_x0=clip_x0, sigma_floor=sigma_floor)
+        cache.record_state(i + 1, x_next)
+        action = cache.state(i + 1).to(dtype)
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        cache.record_logprob(i, log_prob)
+        x = action
+
+
+def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, first_step: int, out: torch.Tensor, ops,
+               *, clip_x0, sigma_floor: float, dtype: torch.dtype) -> torch.Tensor:
+    """No-grad ratio pass: out[j, b] = logp_theta(x_{i+1} | x_i) - logp_old[i], i = first_step + j, for the
+    samples ``rows`` [m] (raw per-step log r, unclipped). ``out``: [n - first_step, m]. Capturable."""
+    m = rows.shape[0]
+    for j, i in enumerate(range(first_step, plan.num_steps)):
+        x = cache.state(i).index_select(0, rows).to(dtype)
+        action = cache.state(i + 1).index_select(0, rows).to(dtype)
+        coefs = (plan.abar_t[i].expand(m), plan.abar_prev[i].expand(m), plan.sigma[i].expand(m))
+        eps = policy(x, plan.timesteps[i].expand(m), labels)
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        out[j].copy_(log_prob - cache.log_probs[i].index_select(0, rows))
+    return out
+
+
+def compute_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, ppo_cfg, tracker=None) -> torch.Tensor:
+    """A_b from the (global) batch of rewards [N]: ``global`` (r - mean) / (std + eps), or ``group``
+    (per-group running statistics of ``GroupStatTracker``), then clamped to +-adv_clip."""
+    from ..rollout_cache import normalize_advantages
+
+    if ppo_cfg.advantage == "global":
+        return normalize_advantages(rewards, adv_clip=ppo_cfg.adv_clip)
+    return tracker.update(group_ids, rewards, adv_clip=ppo_cfg.adv_clip)
