@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): ``pytest benchmarks --benchmark-only``; see RESULTS.md."""
