@@ -30,6 +30,22 @@ BLOCK = 2048  # elements per loop step: 8 per thread at 8 warps (one 16 B load f
 NUM_WARPS = 8
 
 
+if HAS_TRITON:
+    # triton 3.7.1's interpreter casts fp32 -> bf16 by truncation (interpreter.py, cast_impl); GPUs
+    # round to nearest even. Under the interpreter, bf16 stores therefore round by bit arithmetic.
+    _BF16_BY_BITS = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def store_cast(ptr, value, mask):
+        """tl.store(ptr, value) converted to ptr's element type with round-to-nearest-even."""
+        if _BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 def use_triton(*tensors) -> bool:
     """True when the Triton kernels can run on these tensors: all on CUDA, or all on the
     CPU under TRITON_INTERPRET=1 (set before the kernel modules were imported)."""

@@ -34,6 +34,9 @@ from ppo_ddpm.ddpm.ddim import LOG_2PI, ddim_step_reference
 from . import _dispatch
 from ._dispatch import BLOCK, HAS_TRITON, NUM_WARPS, tl, triton
 
+if HAS_TRITON:
+    from ._dispatch import store_cast
+
 __all__ = ["ddim_step", "ddim_step_reference", "bytes_moved"]
 
 
@@ -96,8 +99,8 @@ if HAS_TRITON:
                 xp = z
             else:
                 xp = mean + sig * z
-                tl.store(xprev_ptr + row + idx, xp.to(xprev_ptr.dtype.element_ty), mask=m)
-            tl.store(mean_ptr + row + idx, mean.to(mean_ptr.dtype.element_ty), mask=m)
+                store_cast(xprev_ptr + row + idx, xp, m)
+            store_cast(mean_ptr + row + idx, mean, m)
             d = tl.where(m, xp - mean, 0.0)
             acc += d * d
         tl.store(part_ptr + b * nchunks + c, tl.sum(acc, axis=0))
@@ -145,7 +148,7 @@ if HAS_TRITON:
                     g += lp_coef * (xp - mean)
             else:
                 d_mean = dir_coef - k
-            tl.store(geps_ptr + row + idx, (g * d_mean).to(geps_ptr.dtype.element_ty), mask=m)
+            store_cast(geps_ptr + row + idx, g * d_mean, m)
 
 
 class _DDIMStep(torch.autograd.Function):

@@ -33,6 +33,9 @@ from ppo_ddpm.ddpm.ddim import LOG_2PI, gaussian_log_prob
 from . import _dispatch
 from ._dispatch import BLOCK, HAS_TRITON, NUM_WARPS, tl, triton
 
+if HAS_TRITON:
+    from ._dispatch import store_cast
+
 __all__ = [
     "gaussian_log_ratio",
     "gaussian_log_ratio_from_logprob",
@@ -130,7 +133,7 @@ if HAS_TRITON:
             m = idx < D
             x = tl.load(x_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
             mn = tl.load(mn_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-            tl.store(grad_ptr + row + idx, (coef * (x - mn)).to(grad_ptr.dtype.element_ty), mask=m)
+            store_cast(grad_ptr + row + idx, coef * (x - mn), m)
 
 
 class _GaussianLogRatio(torch.autograd.Function):
