@@ -7,6 +7,13 @@
 #include <set>
 #include <utility>
 
+// Keep a*b+c as two roundings (no FMA) so the float64 statistics match the Python reference bit for bit.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
 namespace ppo_ddpm {
 namespace {
 
@@ -68,7 +75,11 @@ std::pair<double, double> mean_std(const double* v, int64_t n) {
   for (int64_t k = 0; k < n; ++k) s += v[k];
   const double mean = s / static_cast<double>(n);
   double ss = 0.0;
-  for (int64_t k = 0; k < n; ++k) ss += (v[k] - mean) * (v[k] - mean);
+  for (int64_t k = 0; k < n; ++k) {
+    const double d = v[k] - mean;
+    const double d2 = d * d;
+    ss += d2;
+  }
   return {mean, std::sqrt(ss / static_cast<double>(n))};
 }
 
@@ -389,7 +400,9 @@ void RolloutCache::load_state_dict(const StateDict& d) {
   const auto& shape = require_key(d.int_lists, where, "sample_shape", "list");
   TORCH_CHECK_VALUE(shape == sample_shape_, where, ": state_dict['sample_shape']=", at::IntArrayRef(shape),
                     " but this cache has sample_shape=", at::IntArrayRef(sample_shape_));
-  for (const auto& [key, dst] : own.tensors) check_loaded(where, key, require_key(d.tensors, where, key, "tensor"), dst);
+  for (const auto& [key, dst] : own.tensors) {
+    check_loaded(where, key, require_key(d.tensors, where, key, "tensor"), dst);
+  }
   for (const auto& [key, dst] : own.tensors) dst.copy_(d.tensors.at(key));
 }
 
