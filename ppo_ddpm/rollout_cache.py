@@ -118,18 +118,21 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(ss / len(values))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _split_state_dict(where: str, d: dict) -> tuple[dict, dict, dict]:
     """Splits a state_dict into tensors, ints and int lists; anything else is a TypeError."""
     tensors, ints, lists = {}, {}, {}
     for key, value in d.items():
         if not isinstance(key, str):
             raise TypeError(f"{where}: state_dict keys must be str, got {type(key).__name__}")
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         if isinstance(value, torch.Tensor):
             tensors[key] = value
-        elif is_int(value):
+        elif _is_int(value):
             ints[key] = value
-        elif isinstance(value, (list, tuple)) and all(is_int(e) for e in value):
+        elif isinstance(value, (list, tuple)) and all(_is_int(e) for e in value):
             lists[key] = [int(e) for e in value]
         else:
             raise TypeError(
