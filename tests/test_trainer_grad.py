@@ -62,13 +62,13 @@ def reference_step_terms(trainer: PPOTrainer, cache, ref: nn.Module):
     plan, kw = trainer.plan, dict(clip_x0=trainer.cfg.sampling.clip_x0, sigma_floor=trainer.pcfg.sigma_floor)
     ls, kls = [], []
     for i in range(plan.num_steps):
-        x, a = cache.state(i).double(), cache.state(i + 1).double()
+        x, a = cache.state(i).to(trainer.dtype), cache.state(i + 1).to(trainer.dtype)
         t = plan.timesteps[i].expand(x.shape[0])
         coefs = (plan.abar_t[i], plan.abar_prev[i], plan.sigma[i])
         _, mu, lp = ddim_step_reference(x, trainer.policy(x, t), *coefs, x_prev=a, **kw)
         with torch.no_grad():
             _, mu_ref, _ = ddim_step_reference(x, ref(x, t), *coefs, x_prev=a, **kw)
-        s = plan.sigma[i].clamp_min(trainer.pcfg.sigma_floor).double()
+        s = plan.sigma[i].clamp_min(trainer.pcfg.sigma_floor).to(trainer.dtype)
         ls.append(lp - cache.log_probs[i])
         kls.append((mu - mu_ref).pow(2).flatten(1).sum(1) / (2 * s * s))
     return torch.stack(ls), torch.stack(kls)

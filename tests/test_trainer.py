@@ -1,0 +1,188 @@
+"""PPOTrainer behaviour: exact ratio 1 at old params, ratio-pass skip, step-independent peak memory,
+NaN rewards / gradients skipped and counted, the sigma_floor error, reward rising on a short run."""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+
+from ppo_ddpm.ppo import PPOTrainer
+from test_trainer_grad import TinyEps, brightness, grads, tiny_config
+
+
+def params(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+@pytest.mark.parametrize("state_dtype,use_kernels", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_ratio_exactly_one_at_old_params(state_dtype, use_kernels):
+    """use_kernels: the fused Triton ops (in the CPU interpreter here) on a smaller batch."""
+    torch.manual_seed(0)
+    cfg = tiny_config(state_dtype=state_dtype, use_kernels=use_kernels, kl_beta=0.1)
+    if use_kernels:
+        cfg.ppo.batch_size = cfg.ppo.microbatch = 4
+        cfg.sampling.num_inference_steps = 2
+    trainer = PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+    B = cfg.ppo.batch_size
+    cache, _ = trainer.rollout(seed=3)
+    if state_dtype == "bfloat16":
+        assert cache.states.dtype == torch.bfloat16
+    rows, steps = torch.arange(B), cache.timestep_plan(1, trainer.K, 0)
+    skipped = trainer.ratio_pass(cache, rows)
+    assert bool((skipped == 0).all())
+    g_skip = (trainer.minibatch_gradient(cache, rows, steps), grads(trainer.policy))
+    trainer.params_changed()  # same params, but the ratio pass now runs
+    run = trainer.ratio_pass(cache, rows)
+    assert run.shape == (trainer.n_train, B)
+    assert bool((run == 0).all()), run  # log r == 0 exactly: the rollout scored the stored action alike
+    g_run = (trainer.minibatch_gradient(cache, rows, steps), grads(trainer.policy))
+    assert torch.equal(g_skip[1], g_run[1])
+    assert float(g_run[0]["approx_kl_k1"]) == 0.0 and float(g_run[0]["clipfrac"]) == 0.0
+
+
+class _Box:
+    def __init__(self, t):
+        self.t = t
+
+
+class SavedBytes:
+    """saved_tensors_hooks that track the bytes autograd keeps alive for backward (and their peak)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def _release(self, n):
+        self.live -= n
+
+    def pack(self, t):
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        box = _Box(t)
+        weakref.finalize(box, self._release, n)
+        return box
+
+    def unpack(self, box):
+        return box.t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+def peak_saved_bytes(num_steps: int, full_graph: bool) -> int:
+    torch.manual_seed(0)
+    cfg = tiny_config(kl_beta=0.1)
+    cfg.sampling.num_inference_steps = num_steps
+    trainer = PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+    cache, _ = trainer.rollout(seed=0)
+    trainer.params_changed()
+    rows = torch.arange(8)
+    meter = SavedBytes()
+    with meter.hooks():
+        if full_graph:  # naive reference: every step's graph alive at once
+            from test_trainer_grad import reference_step_terms
+            l, kl = reference_step_terms(trainer, cache, trainer.ref_policy)
+            (l.sum() + kl.sum()).backward()
+        else:
+            trainer.minibatch_gradient(cache, rows, cache.timestep_plan(0, trainer.K, 0))
+    assert meter.live == 0
+    return meter.peak
+
+
+def test_peak_memory_independent_of_num_steps():
+    short, long = peak_saved_bytes(2, False), peak_saved_bytes(8, False)
+    assert short > 0 and long == short
+    # the meter does see growth when all steps are differentiated at once
+    assert peak_saved_bytes(8, True) > 3 * peak_saved_bytes(2, True)
+
+
+def test_nan_reward_batch_skipped_and_counted():
+    torch.manual_seed(0)
+
+    def bad(x0, labels=None):
+        r = x0.mean((1, 2, 3))
+        r[2] = float("nan")
+        return r
+
+    trainer = PPOTrainer(tiny_config(), TinyEps(), bad, "cpu")
+    before = params(trainer.policy)
+    stats = trainer.step(0)
+    assert stats["skipped"] == 1.0 and stats["skipped_batches"] == 1.0 and stats["nonfinite_rewards"] == 1.0
+    assert torch.equal(before, params(trainer.policy))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        trainer.update(trainer.cache)
+    trainer.reward_fn = lambda x0, labels=None: torch.full((8,), float("inf"))
+    assert trainer.step(1)["skipped_batches"] == 2.0
+    assert torch.equal(before, params(trainer.policy))
+
+
+def test_nan_gradient_step_skipped_and_counted():
+    torch.manual_seed(0)
+    trainer = PPOTrainer(tiny_config(ema_decay=0.5), TinyEps(), brightness, "cpu")
+    before, ema_before = params(trainer.policy), params(trainer.ema)
+    handle = trainer.policy.c2.bias.register_hook(lambda g: g * float("nan"))
+    stats = trainer.step(0)
+    assert stats["skipped_steps"] == 1.0 and stats["skipped_batches"] == 0.0
+    assert torch.equal(before, params(trainer.policy)) and torch.equal(ema_before, params(trainer.ema))
+    handle.remove()
+    stats = trainer.step(1)
+    assert stats["skipped_steps"] == 1.0
+    assert not torch.equal(before, params(trainer.policy))
+    assert torch.isfinite(params(trainer.policy)).all()
+
+
+def test_sigma_zero_without_floor_is_an_error():
+    cfg = tiny_config(sigma_floor=0.0)
+    cfg.sampling.set_alpha_to_one = True  # last step: abar_prev = 1 -> sigma = 0
+    with pytest.raises(ValueError, match="sigma_floor"):
+        PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+    cfg.sampling.eta = 0.0
+    with pytest.raises(ValueError, match="deterministic"):
+        PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+    cfg.ppo.sigma_floor = 0.05  # a floor makes every step a proper Gaussian policy
+    PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+
+
+def test_bad_reward_shape_is_an_error():
+    trainer = PPOTrainer(tiny_config(), TinyEps(), lambda x0, labels=None: x0.mean(), "cpu")
+    with pytest.raises(ValueError, match="shape"):
+        trainer.rollout(seed=0)
+
+
+@pytest.mark.parametrize("objective", ["trajectory", "per_step"])
+def test_short_run_raises_the_reward(objective):
+    torch.manual_seed(0)
+    cfg = tiny_config(objective=objective, lr=3e-3, batch_size=16, microbatch=16, num_epochs=2,
+                      num_minibatches=2, clip_range=0.2, per_step_clip=1.0, global_clip=3.0)
+    trainer = PPOTrainer(cfg, TinyEps(), brightness, "cpu")
+    x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(9))
+    base = float(brightness(trainer.sample(x_T, seed=1)).mean())
+    history = [trainer.step(i)["reward_mean"] for i in range(10)]
+    tuned = float(brightness(trainer.sample(x_T, seed=1)).mean())
+    assert tuned > base + 0.1, (base, tuned, history)
+    assert sum(history[-3:]) > sum(history[:3])
+
+
+def test_group_advantages_class_conditional_and_state_dict_roundtrip():
+    torch.manual_seed(0)
+    cfg = tiny_config(advantage="group", group_min_count=1, ema_decay=0.9, kl_beta=0.1)
+    cfg.model.num_classes = 3
+    trainer = PPOTrainer(cfg, TinyEps(num_classes=3), brightness, "cpu")
+    cache, info = trainer.rollout(seed=4)
+    assert cache.group_ids.max() < 3
+    for g in cache.group_ids.unique():  # per-group normalisation over this first batch
+        adv = cache.advantages[cache.group_ids == g]
+        if adv.numel() > 1:
+            assert abs(float(adv.mean())) < 1e-4
+    trainer.update(cache)
+    state = copy.deepcopy(trainer.state_dict())  # as if through a checkpoint file: no shared tensors
+    other = PPOTrainer(cfg, TinyEps(num_classes=3), brightness, "cpu")
+    other.load_state_dict(state)
+    assert torch.equal(params(other.policy), params(trainer.policy))
+    assert torch.equal(params(other.ema), params(trainer.ema))
+    assert torch.equal(params(other.ref_policy), params(trainer.ref_policy))
+    a, b = trainer.step(1), other.step(1)
+    assert a["reward_mean"] == b["reward_mean"] and a["loss"] == b["loss"]
+    assert torch.equal(params(other.policy), params(trainer.policy))
