@@ -1,0 +1,183 @@
+"""Train the real-vs-fake reward CNN: ``python -m ppo_ddpm.train_reward_model --cfg ... --set ...``.
+
+Data (ImageFolder layout, classes 0 = fake, 1 = real):
+
+- real: ``{data.root}/real``; with ``data.root`` empty, the procedural dataset made in
+  ``{output_dir}/data/real``;
+- fake: ``{data.root}/fake`` when it exists and was not written by this script; otherwise
+  ``reward.num_fake`` DDIM samples (``sampling`` config) of the base DDPM at ``model.pretrained``,
+  written to ``{output_dir}/data/fake`` as an ordinary image folder.
+
+Per class, a fraction ``reward.held_out_fraction`` is held out (fixed permutation of ``seed``).
+Training: ``reward.train_steps`` Adam steps on class-balanced batches of ``reward.batch_size``
+with random horizontal flips, cross-entropy loss. The held-out accuracy is printed and stored
+with the model in ``{output_dir}/reward_model.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .config import Config, ConfigError, add_config_args, config_from_args
+from .data import DataError, load_images, make_procedural_dataset, save_images
+from .reward import CLASS_NAMES, RewardCNN, RewardError, freeze, save_reward_model
+from .utils import resolve_device, set_seed
+from .utils.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FAKE_MANIFEST = "fake.json"  # next to a fake/ folder this script sampled
+
+
+def split_held_out(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, a seeded permutation; the first round(fraction * n_c) (>= 1) are held out -> (train, held) indices."""
+    g = torch.Generator().manual_seed(seed)
+    train, held = [], []
+    for c in labels.unique(sorted=True).tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        if len(idx) < 2:
+            raise ValueError(f"class {c} has {len(idx)} image(s); at least 2 are needed to hold one out")
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        held.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train), torch.cat(held)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
+    """Fraction of argmax(model(x)) == y (model in eval mode)."""
+    model.eval()
+    device = next(model.parameters()).device
+    correct = sum(
+        (model(x[i : i + batch_size].to(device)).argmax(1).cpu() == y[i : i + batch_size]).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
+    return correct / len(x)
+
+
+def fit_reward_cnn(
+    images: torch.Tensor, labels: torch.Tensor, *, hidden_channels: int = 16, steps: int = 300,
+    batch_size: int = 64, lr: float = 2e-3, held_out_fraction: float = 0.2, seed: int = 0,
+    device: str | torch.device = "cpu", progress: bool = True,
+) -> tuple[RewardCNN, float]:
+    """Train a RewardCNN on images [N, 3, S, S] in [-1, 1] with labels [N] -> (frozen model, held-out accuracy)."""
+    num_classes = int(labels.max()) + 1
+    train_idx, held_idx = split_held_out(labels, held_out_fraction, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RewardCNN(images.shape[1], hidden_channels, max(2, num_classes), images.shape[-1]).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    per_class = [train_idx[labels[train_idx] == c] for c in range(num_classes)]
+    k = max(1, batch_size // num_classes)
+    model.train()
+    bar = tqdm(range(steps), desc="reward model", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        idx = torch.cat([pc[torch.randint(len(pc), (k,), generator=g)] for pc in per_class])
+        x, y = images[idx], labels[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    acc = accuracy(model, images[held_idx], labels[held_idx])
+    return freeze(model), acc
+
+
+def _fake_folder(cfg: Config) -> tuple[Path, bool]:
+    """(folder of fake images, whether to sample it from the base DDPM)."""
+    if cfg.data.root:
+        given = Path(cfg.data.root) / "fake"
+        if given.is_dir() and not (given.parent / FAKE_MANIFEST).is_file():
+            return given, False
+    return Path(cfg.output_dir) / "data" / "fake", True
+
+
+def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
+    """Write ``reward.num_fake`` DDIM samples of the model at ``model.pretrained`` to ``folder/fake_*.png``."""
+    from .ddpm.ddim import make_ddim_plan
+    from .ddpm.model import build_model
+    from .ddpm.sample import ddim_sample
+    from .ddpm.schedules import NoiseSchedule
+
+    if not cfg.model.pretrained:
+        raise ConfigError(
+            f"no fake images: data.root={cfg.data.root!r} has no fake/ folder and model.pretrained is empty, "
+            "so there is no base DDPM to sample fakes from (pretrain first, or provide data.root/fake)"
+        )
+    model = build_model(cfg.model).to(device)
+    s = cfg.sampling
+    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta,
+                          s.spacing, s.set_alpha_to_one).to(device)
+    g = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
+    if folder.is_dir():
+        for old in folder.glob("fake_*.png"):
+            old.unlink()
+    shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+    n, bs = cfg.reward.num_fake, cfg.reward.batch_size
+    for start in tqdm(range(0, n, bs), desc="sampling fakes", dynamic_ncols=True):
+        b = min(bs, n - start)
+        x_T = torch.randn((b, *shape), generator=g, device=device)
+        labels = None
+        if cfg.model.num_classes > 0:
+            labels = torch.randint(cfg.model.num_classes, (b,), generator=g, device=device)
+        x0 = ddim_sample(model, plan, x_T, labels, clip_x0=s.clip_x0, generator=g)
+        save_images(x0, folder, "fake", start=start)
+    (folder.parent / FAKE_MANIFEST).write_text(json.dumps({"pretrained": cfg.model.pretrained, "count": n, "seed": cfg.seed}))
+    return folder
+
+
+def train_reward_model(cfg: Config) -> tuple[Path, float]:
+    """Train and save the real-vs-fake reward CNN -> (``{output_dir}/reward_model.safetensors``, held-out accuracy)."""
+    r = cfg.reward
+    if not 0.0 < r.held_out_fraction < 1.0:
+        raise ConfigError(f"reward.held_out_fraction must be in (0, 1), got {r.held_out_fraction}")
+    if cfg.data.image_size != cfg.model.sample_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} differs from model.sample_size={cfg.model.sample_size}; "
+            "the reward scores the model's samples, so they must match"
+        )
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    size = cfg.data.image_size
+    root = Path(cfg.data.root) if cfg.data.root else make_procedural_dataset(
+        Path(cfg.output_dir) / "data", cfg.data.procedural_count, size, cfg.seed)
+    real = load_images(root / "real", size)
+    fake_dir, sample = _fake_folder(cfg)
+    if sample:
+        sample_fakes(cfg, fake_dir, device)
+    fake = load_images(fake_dir, size)
+    images = torch.cat([fake, real])
+    labels = torch.cat([torch.full((len(fake),), CLASS_NAMES.index("fake")),
+                        torch.full((len(real),), CLASS_NAMES.index("real"))])
+    model, acc = fit_reward_cnn(images, labels, hidden_channels=r.hidden_channels, steps=r.train_steps,
+                                batch_size=r.batch_size, lr=r.lr, held_out_fraction=r.held_out_fraction,
+                                seed=cfg.seed, device=device)
+    path = save_reward_model(model, Path(cfg.output_dir) / "reward_model.safetensors", held_out_accuracy=acc,
+                             num_real=len(real), num_fake=len(fake), real_dir=str(root / "real"), fake_dir=str(fake_dir))
+    print(f"reward model: held-out accuracy {acc:.3f} ({len(real)} real, {len(fake)} fake images) -> {path}", flush=True)
+    return path, acc
+
+
+def main(argv: list[str] | None = None) -> tuple[Path, float]:
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return train_reward_model(config_from_args(args))
+    except (ConfigError, DataError, RewardError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
