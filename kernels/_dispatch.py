@@ -38,10 +38,13 @@ if HAS_TRITON:
     @triton.jit
     def store_cast(ptr, value, mask):
         """tl.store(ptr, value) converted to ptr's element type with round-to-nearest-even."""
-        if _BF16_BY_BITS and ptr.dtype.element_ty == tl.bfloat16:
-            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        if _BF16_BY_BITS:  # interpreter only: the compiled path is the plain cast below
+            if ptr.dtype.element_ty == tl.bfloat16:
+                bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+            else:
+                tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 

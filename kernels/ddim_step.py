@@ -41,21 +41,18 @@ __all__ = ["ddim_step", "ddim_step_reference", "bytes_moved"]
 
 
 def bytes_moved(x_t: torch.Tensor, eps: torch.Tensor, other: torch.Tensor, score: bool, backward: bool = False, clip_x0: bool = False) -> int:
-    """HBM bytes of one call; ``other`` is noise (sampling) or x_prev (scoring); [B] vectors ignored.
+    """HBM bytes of one call ([B] vectors ignored); ``other`` is the noise (sampling) or x_prev (scoring).
 
-    forward:  |x_t| + |eps| + |other| + |mean| (+ |x_prev out| when sampling), outputs in x_t's dtype.
-    backward: one output gradient (|mean|; sampling also |x_prev| if both are used: count one) + |d eps|,
-              plus |x_t| + |eps| when clip_x0 or scoring, plus |x_prev| when scoring.
+    forward:  |x_t| + |eps| + |other| + |mean| (+ |x_prev| written when sampling); outputs in x_t's dtype.
+    backward, scoring (PPO update: gradient through log_prob): |x_t| + |eps| + |x_prev| + |d eps|.
+    backward, sampling (gradient through mean): |d mean| + |d eps| (+ |x_t| + |eps| with clip_x0).
     """
     nb = lambda t: t.numel() * t.element_size()  # noqa: E731
     if not backward:
         return nb(x_t) + nb(eps) + nb(other) + nb(x_t) * (1 if score else 2)
-    total = nb(x_t) + nb(eps)  # one output gradient in x_t's dtype + d eps
-    if clip_x0 or score:
-        total += nb(x_t) + nb(eps)
     if score:
-        total += nb(other)
-    return total
+        return nb(x_t) + 2 * nb(eps) + nb(other)
+    return nb(x_t) + nb(eps) + (nb(x_t) + nb(eps) if clip_x0 else 0)
 
 
 if HAS_TRITON:

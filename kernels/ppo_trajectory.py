@@ -133,7 +133,7 @@ if HAS_TRITON:
         tl.store(w_ptr + cols, weights.to(tl.float32), mask=valid)
         l64 = logr.to(tl.float64)
         zero = tl.zeros([BLOCK_B], dtype=tl.float64)
-        nb = B.to(tl.float64)
+        nb = B * 1.0  # not B.to(): Triton specialises B == 1 to a constexpr
         tl.store(part_ptr + pid * 6 + 0, tl.sum(tl.where(valid, -surr, zero), axis=0) / nb)
         tl.store(part_ptr + pid * 6 + 1, tl.sum(tl.where(valid & outside, 1.0, zero), axis=0) / nb)
         tl.store(part_ptr + pid * 6 + 2, tl.sum(tl.where(valid, nclip.to(tl.float64), zero), axis=0) / (nb * T))

@@ -172,3 +172,11 @@ def test_cpu_without_triton_runs_the_reference():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert [round(v, 4) for v in eval(res.stdout)] == [round(-5 * 0.01 / (2 * 0.25), 4)] * 2
+
+
+def test_bytes_moved():
+    from ppo_ddpm.kernels import gaussian_log_ratio_bytes
+
+    x, m = torch.empty(4, 3, 8, 8, dtype=torch.bfloat16), torch.empty(4, 3, 8, 8)
+    assert gaussian_log_ratio_bytes(x, m, m) == 768 * (2 + 4 + 4)
+    assert gaussian_log_ratio_bytes(x, m) == 768 * 6 and gaussian_log_ratio_bytes(x, m, backward=True) == 768 * 10

@@ -134,3 +134,9 @@ def test_cpu_dispatch_and_bad_inputs(gen):
         trajectory_ppo(l, adv, clip_range=-0.1)
     with pytest.raises(ValueError, match="per_step_clip"):
         trajectory_ppo(l, adv, clip_range=0.2, per_step_clip=0.0)
+
+
+def test_bytes_moved():
+    from ppo_ddpm.kernels import trajectory_ppo_bytes
+
+    assert trajectory_ppo_bytes(torch.empty(10, 8)) == 10 * 8 * 4 + 8 * (4 + 13)
