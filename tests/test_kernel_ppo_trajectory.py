@@ -48,8 +48,9 @@ def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact):
     for name, o, rr, e in (("loss", out.loss, ref.loss, loss), ("log_ratio", out.log_ratio, ref.log_ratio, log_r), ("ratio", out.ratio, ref.ratio, r), ("weights", out.weights, ref.weights, weights)):
         assert o.dtype == torch.float32, name
         assert_within_2x(name, o, rr, e, ulps(e))
-    for k in STATS:
-        assert_within_2x(k, out.stats[k], ref.stats[k], stats[k], ulps(stats[k]) + 1e-12)
+    for k in STATS:  # a mean's rounding scales with its terms: k1 = mean(-log r) may cancel to ~0
+        scale = log_r.abs().mean() if k == "approx_kl_k1" else stats[k]
+        assert_within_2x(k, out.stats[k], ref.stats[k], stats[k], ulps(scale) + 1e-12)
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "step_clip", "global_clip", "both"])
