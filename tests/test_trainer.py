@@ -92,10 +92,10 @@ def peak_saved_bytes(num_steps: int, full_graph: bool) -> int:
 
 
 def test_peak_memory_independent_of_num_steps():
-    short, long = peak_saved_bytes(2, False), peak_saved_bytes(8, False)
+    short, long = peak_saved_bytes(2, False), peak_saved_bytes(6, False)
     assert short > 0 and long == short
     # the meter does see growth when all steps are differentiated at once
-    assert peak_saved_bytes(8, True) > 3 * peak_saved_bytes(2, True)
+    assert peak_saved_bytes(6, True) > 2.5 * peak_saved_bytes(2, True)
 
 
 def test_nan_reward_batch_skipped_and_counted():
@@ -154,7 +154,7 @@ def test_bad_reward_shape_is_an_error():
 @pytest.mark.parametrize("objective", ["trajectory", "per_step"])
 def test_short_run_raises_the_reward(objective):
     torch.manual_seed(0)
-    cfg = tiny_config(objective=objective, lr=3e-3, batch_size=16, microbatch=16, num_epochs=2,
+    cfg = tiny_config(objective=objective, lr=3e-3, batch_size=8, microbatch=8, num_epochs=2,
                       num_minibatches=2, clip_range=0.2, per_step_clip=1.0, global_clip=3.0)
     trainer = PPOTrainer(cfg, TinyEps(), brightness, "cpu")
     x_T = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(9))

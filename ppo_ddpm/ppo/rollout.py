@@ -16,7 +16,6 @@ exactly 0, for fp32 and bf16 storage alike.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -30,13 +29,13 @@ from ..ddpm.ddim import DDIMPlan
 def kernel_ops(use_kernels: bool) -> SimpleNamespace:
     """The fused ops of ``ppo_ddpm.kernels`` (Triton on CUDA / under TRITON_INTERPRET, else their
     reference) when ``use_kernels``, else the pure-PyTorch references."""
-    S, G, P = (importlib.import_module(f"ppo_ddpm.kernels.{m}") for m in ("ddim_step", "gaussian_log_ratio", "ppo_trajectory"))
+    from .. import kernels as K
 
     if use_kernels:
-        return SimpleNamespace(ddim_step=S.ddim_step, log_ratio=G.gaussian_log_ratio_from_logprob,
-                               trajectory_ppo=P.trajectory_ppo)
-    return SimpleNamespace(ddim_step=S.ddim_step_reference, log_ratio=G.gaussian_log_ratio_from_logprob_reference,
-                           trajectory_ppo=P.trajectory_ppo_reference)
+        return SimpleNamespace(ddim_step=K.ddim_step, log_ratio=K.gaussian_log_ratio_from_logprob,
+                               trajectory_ppo=K.trajectory_ppo)
+    return SimpleNamespace(ddim_step=K.ddim_step_reference, log_ratio=K.gaussian_log_ratio_from_logprob_reference,
+                           trajectory_ppo=K.trajectory_ppo_reference)
 
 
 def check_sigma_floor(plan: DDIMPlan, sigma_floor: float) -> None:

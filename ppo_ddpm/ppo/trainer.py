@@ -29,6 +29,7 @@ The policy is put in eval mode (no dropout: log-probs must be reproducible); gra
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import resource
 import time
@@ -47,6 +48,8 @@ from . import distributed as D
 from .graphs import GraphedCall
 from .objective import gaussian_kl, ppo_clip_loss, trajectory_step_loss
 from .rollout import RolloutNoise, check_sigma_floor, compute_advantages, derive_seed, kernel_ops, ratio_loop, rollout_loop
+
+log = logging.getLogger(__name__)
 
 _STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -158,6 +161,8 @@ class PPOTrainer:
         self._valid[id(cache)] = nonfinite == 0
         if nonfinite:
             self.skipped_batches += 1
+            log.warning("rollout seed %d: %d non-finite rewards (NaN/inf) in the batch; skipped without an update "
+                        "(%d skipped batches so far)", seed, nonfinite, self.skipped_batches)
         else:
             adv_all = compute_advantages(r_all, g_all, self.pcfg, self.tracker).to(self.device)
             adv = adv_all[D.rank() * B:(D.rank() + 1) * B]
@@ -264,6 +269,8 @@ class PPOTrainer:
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not bool(torch.isfinite(norm)):
             self.skipped_steps += 1
+            log.warning("non-finite gradient norm (%s); optimizer step skipped (%d skipped steps so far)",
+                        float(norm), self.skipped_steps)
             self.optimizer.zero_grad(set_to_none=True)
             return norm, False
         self.optimizer.step()
