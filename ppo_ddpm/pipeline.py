@@ -1,7 +1,7 @@
 """The embedded pipeline before PPO: procedural data -> pretrained DDPM -> reward model.
 
-Each stage runs only when the config leaves its output empty (``data.root``,
-``model.pretrained``, ``reward.model_path`` with ``reward.kind: model``). What a stage made is
+Each stage runs only when the config leaves its output empty (``model.pretrained``,
+``reward.model_path`` with ``reward.kind: model``; ``data.root`` when one of those two runs). What a stage made is
 recorded in ``{output_dir}/pipeline.json`` (path and wall time); a stage whose recorded output
 still exists is skipped, so a resumed run does not redo it.
 
@@ -60,10 +60,18 @@ def _set(section: str, key: str) -> Callable[[Config, str], None]:
     return lambda cfg, path: setattr(getattr(cfg, section), key, path)
 
 
+def _needs_pretrain(cfg: Config) -> bool:
+    return cfg.model.pretrained == ""
+
+
+def _needs_reward(cfg: Config) -> bool:
+    return cfg.reward.kind == "model" and cfg.reward.model_path == ""
+
+
 STAGES = (
-    Stage("data", lambda c: c.data.root == "", _make_data, _set("data", "root")),
-    Stage("pretrain", lambda c: c.model.pretrained == "", _pretrain, _set("model", "pretrained")),
-    Stage("reward", lambda c: c.reward.kind == "model" and c.reward.model_path == "", _train_reward, _set("reward", "model_path")),
+    Stage("data", lambda c: c.data.root == "" and (_needs_pretrain(c) or _needs_reward(c)), _make_data, _set("data", "root")),
+    Stage("pretrain", _needs_pretrain, _pretrain, _set("model", "pretrained")),
+    Stage("reward", _needs_reward, _train_reward, _set("reward", "model_path")),
 )
 
 
