@@ -67,8 +67,9 @@ def gaussian_log_ratio_reference(x_prev, mu_new, mu_old, sigma, *, sigma_floor=0
 
 
 def gaussian_log_ratio_from_logprob_reference(x_prev, mu_new, old_log_prob, sigma, *, sigma_floor=0.0, per_step_clip=None) -> torch.Tensor:
-    """Plain PyTorch via ``ddpm.ddim.gaussian_log_prob`` (float32 maths): [B]."""
-    s = _sigma(sigma, x_prev, torch.float32).clamp_min(sigma_floor)
+    """Plain PyTorch via ``ddpm.ddim.gaussian_log_prob`` (float32 maths, float64 for float64 inputs): [B]."""
+    dt = torch.promote_types(torch.promote_types(x_prev.dtype, mu_new.dtype), torch.float32)
+    s = _sigma(sigma, x_prev, dt).clamp_min(sigma_floor)
     return _clip(gaussian_log_prob(x_prev, mu_new, s) - old_log_prob, per_step_clip)
 
 

@@ -1,9 +1,10 @@
 """The trainer's two-pass, step-by-step, micro-batched gradient equals autograd through the plain
 loss written here (all steps with grad at once), at params != old, with the KL term on.
 
-Reference (float64 model, CPU; the DDIM step/log-prob maths of ``ddim_step_reference``). The shared
-DDIM/log-prob references compute in float32 whatever the input dtype, so the two gradients agree to
-~3e-8 relative (the rounding of the float32 weights w_b), which the tolerances reflect:
+Reference (float64 model, CPU; the DDIM step/log-prob maths of ``ddim_step_reference``, float64 here).
+The trajectory reduction hands the gradient pass float32 weights w_b (the cache's log-probs and the
+reduction are float32 by design), so the two gradients agree to ~3e-8 relative, which the tolerances
+reflect:
 
     l_{t,b}  = log N(x_{t+1}; mu_theta(x_t), s_t^2) - logp_old_{t,b}
     log r_b  = clamp(sum_t clamp(l_{t,b}, +-c), +-C),  r_b = exp(log r_b)

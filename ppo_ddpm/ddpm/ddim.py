@@ -83,17 +83,26 @@ def make_ddim_plan(alphas_cumprod: torch.Tensor, num_inference_steps: int, eta: 
     return DDIMPlan(ts, prev, abar_t.float(), abar_prev.float(), sigma.float())
 
 
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for low-precision inputs, float64 when any input is float64."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
 def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
-    """Scalar or [B] -> float32 [B, 1, ..., 1] broadcastable against x [B, ...]."""
-    v = torch.as_tensor(v, dtype=torch.float32, device=x.device)
+    """Scalar or [B] -> [B, 1, ..., 1] in x's dtype, broadcastable against x [B, ...]."""
+    v = torch.as_tensor(v, device=x.device).to(x.dtype)
     if v.dim() == 0:
         v = v.expand(x.shape[0])
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, s, reduction: str = "sum") -> torch.Tensor:
-    """log N(x; mean, s^2 I) per sample [B], float32 maths; s scalar or [B]."""
-    x32, m32 = x.float(), mean.float()
+    """log N(x; mean, s^2 I) per sample [B]; float32 maths (float64 for float64 inputs); s scalar or [B]."""
+    dt = _compute_dtype(x, mean)
+    x32, m32 = x.to(dt), mean.to(dt)
     s = _per_sample(s, x32).reshape(-1)
     D = x32[0].numel()
     sq = (x32 - m32).pow(2).flatten(1).sum(1)
@@ -123,10 +132,12 @@ def ddim_step_reference(
     x_t, eps: [B, C, H, W]; abar_t, abar_prev, sigma: scalars or [B] (per-sample, no host sync).
     Give ``noise`` to sample x_prev = mu + sigma * noise, or ``x_prev`` to score a cached action.
     Returns (x_prev [B, ...] in x_t's dtype, mu [B, ...] in x_t's dtype, log_prob [B] float32).
+    Maths in float32, or float64 when x_t or eps is float64 (then log_prob is float64 too).
     """
     if noise is not None and x_prev is not None:
         raise ValueError("give either noise or x_prev, not both")
-    x32, e32 = x_t.float(), eps.float()
+    dt = _compute_dtype(x_t, eps)
+    x32, e32 = x_t.to(dt), eps.to(dt)
     a_t, a_p, sig = _per_sample(abar_t, x32), _per_sample(abar_prev, x32), _per_sample(sigma, x32)
     x0 = (x32 - (1 - a_t).sqrt() * e32) / a_t.sqrt()
     if clip_x0 is not None:
@@ -135,9 +146,9 @@ def ddim_step_reference(
     if x_prev is None:
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-        x_prev32 = mean + sig * noise.float()
+        x_prev32 = mean + sig * noise.to(dt)
     else:
-        x_prev32 = x_prev.float()
+        x_prev32 = x_prev.to(dt)
     s = sig.reshape(-1).clamp_min(sigma_floor)
     log_prob = gaussian_log_prob(x_prev32, mean, s, reduction)
     return x_prev32.to(x_t.dtype), mean.to(x_t.dtype), log_prob
