@@ -53,7 +53,8 @@ def _pretrain(cfg: Config) -> str:
 def _train_reward(cfg: Config) -> str:
     from .train_reward_model import train_reward_model
 
-    return str(train_reward_model(cfg))
+    path, _held_out_accuracy = train_reward_model(cfg)
+    return str(path)
 
 
 def _set(section: str, key: str) -> Callable[[Config, str], None]:
