@@ -124,7 +124,7 @@ def loss_check(kinds: dict) -> list[str]:
     for b in kinds.get("loss_check", []):
         e = b["extra_info"]
         out += [f"- per_step loss, PPOTrainer.update: {e['trainer_loss']:.6f}; DDPO-style baseline: {e['ddpo_loss']:.6f}; "
-                f"|difference| {abs(e['trainer_loss'] - e['ddpo_loss']):.2e} (asserted <= 1e-3 (1 + |loss|)); "
+                f"|difference| {abs(e['trainer_loss'] - e['ddpo_loss']):.2e} (asserted <= {e.get('tolerance', float('nan')):g} (1 + |loss|)); "
                 f"clip fraction {e['trainer_clipfrac']:.3f}, approx KL k1 {e['trainer_approx_kl_k1']:.4f}"]
     return out + ([""] if out else [])
 
