@@ -132,22 +132,26 @@ def compiled(fn, name: str):
     return _compiled[name]
 
 
-def warm_compiled(fn, name: str):
-    """Call ``fn`` once (this triggers compilation); skip the test if it raises. Returns seconds."""
+def first_call(go, compile_name: str | None = None) -> float | None:
+    """Run ``go`` once before timing. For a torch.compile impl (``compile_name`` given) this is the
+    compilation: returns its seconds, or skips the test with the reason if it raises."""
+    if compile_name is None:
+        go()
+        return None
     t0 = time.perf_counter()
     try:
-        fn()
+        go()
         sync()
     except Exception as e:  # noqa: BLE001
-        _compiled[name] = e
-        pytest.skip(f"torch.compile of {name} failed: {type(e).__name__}: {e}"[:300])
+        _compiled[compile_name] = e
+        pytest.skip(f"torch.compile of {compile_name} failed: {type(e).__name__}: {e}"[:300])
     return time.perf_counter() - t0
 
 
 class _Held:
     """A tensor saved for backward, counted until autograd releases it."""
 
-    __slots__ = ("tensor", "key", "tracker", "__weakref__")
+    __slots__ = ("tensor", "key", "tracker")
 
     def __init__(self, tracker, tensor, key):
         self.tracker, self.tensor, self.key = tracker, tensor, key

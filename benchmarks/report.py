@@ -96,6 +96,13 @@ def kernels(kinds: dict) -> list[str]:
     if rows:
         out += _table(["op", "size", "B", "dtype", "impl", "median µs/call", "IQR µs", "stddev µs", "rounds", "GB/s",
                        "% of copy BW", "speed-up vs reference"], rows)
+    first = defaultdict(list)
+    for b in kinds.get("kernel", []):
+        if b["extra_info"]["impl"] == "compile" and b["extra_info"].get("first_call_s") is not None:
+            first[b["extra_info"]["op"]].append(b["extra_info"]["first_call_s"])
+    if first:
+        out += ["torch.compile first call (compilation included), max over sizes: "
+                + ", ".join(f"{op} {max(v):.1f} s" for op, v in sorted(first.items())), ""]
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.harness import (
     CHANNELS, DEVICE, INNER, KERNEL_BATCHES, KERNEL_DTYPES, KERNEL_SIDES, ON_CUDA, annotate, compiled, median_s,
-    run_inner, warm_compiled,
+    first_call, run_inner,
 )
 
 glr = pytest.importorskip("ppo_ddpm.kernels.gaussian_log_ratio")
@@ -51,6 +51,10 @@ def _ddim_fn(impl: str):
     return compiled(dstep.ddim_step_reference, "ddim_step_reference")
 
 
+def _compile_name(impl: str, name: str) -> str | None:
+    return name if impl == "compile" else None
+
+
 def _finish(benchmark, go, *, op, impl, side, B, dtype, nbytes, compile_s=None):
     benchmark.group = f"kernel:{op}:{side}x{side}:B{B}:{str(dtype).removeprefix('torch.')}"
     annotate(benchmark, kind="kernel", op=op, impl=impl, side=side, batch=B, dtype=str(dtype), bytes_moved=nbytes, inner=INNER)
@@ -66,12 +70,12 @@ def test_copy_bandwidth(benchmark):
     """dst.copy_(src): reads and writes COPY_BYTES; the bandwidth ceiling for the kernels."""
     src = torch.empty(COPY_BYTES // 4, device=DEVICE).uniform_()
     dst = torch.empty_like(src)
-    go = run_inner(lambda: dst.copy_(src), INNER if ON_CUDA else 1)
+    go = run_inner(lambda: dst.copy_(src))
     go()
     benchmark.group = "copy"
-    annotate(benchmark, kind="copy", impl="copy", bytes_moved=2 * COPY_BYTES, inner=INNER if ON_CUDA else 1)
+    annotate(benchmark, kind="copy", impl="copy", bytes_moved=2 * COPY_BYTES, inner=INNER)
     benchmark(go)
-    per_call = median_s(benchmark) / benchmark.extra_info["inner"]
+    per_call = median_s(benchmark) / INNER
     benchmark.extra_info.update(median_per_call_s=per_call, gbps=2 * COPY_BYTES / per_call / 1e9)
 
 
@@ -89,7 +93,7 @@ def test_log_ratio_forward(benchmark, side, B, dtype, impl):
             return fn(x, mn, mo, sig, sigma_floor=SIGMA_FLOOR)
 
     go = run_inner(call)
-    first = warm_compiled(go, "gaussian_log_ratio_reference") if impl == "compile" else (go(), None)[1]
+    first = first_call(go, _compile_name(impl, "gaussian_log_ratio_reference"))
     _finish(benchmark, go, op="log_ratio_fwd", impl=impl, side=side, B=B, dtype=dtype, nbytes=glr.bytes_moved(x, mn, mo), compile_s=first)
 
 
@@ -109,12 +113,11 @@ def test_log_ratio_backward(benchmark, side, B, dtype, impl):
     def build():
         holder["out"] = fn(x, mn, mo, sig, sigma_floor=SIGMA_FLOOR)
 
-    if impl == "compile":
-        warm_compiled(build, "gaussian_log_ratio_reference")
-    else:
-        build()
+    name = _compile_name(impl, "gaussian_log_ratio_reference")
+    compile_fwd = first_call(build, name)
     go = run_inner(lambda: torch.autograd.grad(holder["out"], mn, g, retain_graph=True))
-    first = warm_compiled(go, "gaussian_log_ratio_reference") if impl == "compile" else (go(), None)[1]
+    compile_bwd = first_call(go, name)
+    first = None if name is None else compile_fwd + compile_bwd
     nbytes = glr.bytes_moved(x, mn, backward=True)
     _finish(benchmark, go, op="log_ratio_bwd", impl=impl, side=side, B=B, dtype=dtype, nbytes=nbytes, compile_s=first)
 
@@ -138,6 +141,6 @@ def test_ddim_step(benchmark, side, B, dtype, impl):
             return fn(x_t, eps, abar_t, abar_prev, sigma, noise=noise, clip_x0=1.0, sigma_floor=SIGMA_FLOOR)
 
     go = run_inner(call)
-    first = warm_compiled(go, "ddim_step_reference") if impl == "compile" else (go(), None)[1]
+    first = first_call(go, _compile_name(impl, "ddim_step_reference"))
     nbytes = dstep.bytes_moved(x_t, eps, noise, score=False)
     _finish(benchmark, go, op="ddim_step", impl=impl, side=side, B=B, dtype=dtype, nbytes=nbytes, compile_s=first)
