@@ -113,7 +113,7 @@ class PPOConfig:
     """
 
     objective: Literal["trajectory", "per_step"] = "trajectory"
-    iterations: int = 30
+    iterations: int = 20
     batch_size: int = 32  # rollouts per iteration (per rank)
     num_epochs: int = 1
     num_minibatches: int = 1
@@ -127,7 +127,7 @@ class PPOConfig:
     group_buffer_size: int = 32
     group_min_count: int = 16
     grad_clip: Optional[float] = 1.0
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # 0: off
     kl_beta: float = 0.0
