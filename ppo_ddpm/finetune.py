@@ -272,6 +272,9 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
     main = rank == 0
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    if resume is None and (ckpt_dir / "last.pt").is_file():
+        raise CheckpointError(f"{ckpt_dir / 'last.pt'} exists: pass --resume to continue that run, "
+                              "or set another output_dir to start a new one")
     if main:
         cfg = prepare(cfg)
     _barrier()
@@ -295,8 +298,9 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
         rngs = state["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         start = int(state["iteration"])
-        if main:
-            truncate_metrics(out / "metrics.jsonl", start)
+    if main:
+        truncate_metrics(out / "metrics.jsonl", start)  # a fresh run starts an empty file
+        if state is not None:
             print(f"[finetune] resumed from {ckpt_path} at iteration {start}", flush=True)
     _barrier()
 

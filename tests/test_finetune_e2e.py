@@ -27,7 +27,9 @@ def test_embedded_default_raises_the_reward(tmp_path):
     out = tmp_path / "run"
     sets = SHORT + [f"output_dir={out}"]
     # Triton's CPU interpreter (set by conftest) is only for the kernel tests: CPU tensors run the reference
+    # one thread: tiny tensors gain nothing from more, and it keeps the run steady on a busy machine
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "ppo_ddpm.finetune", *sum((["--set", s] for s in sets), [])],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

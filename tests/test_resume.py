@@ -161,3 +161,10 @@ def test_mismatched_checkpoint_is_a_clear_error(setup, reference, tmp_path, caps
     # not a run checkpoint at all (a model file)
     assert main(_args(sets, tmp_path / "c") + ["--resume", str(d / "base.pth")]) == 2
     assert "missing key" in capsys.readouterr().err
+
+
+def test_fresh_run_into_a_checkpointed_dir_is_refused(setup, reference, capsys):
+    d, sets = setup
+    assert main(_args(sets, reference)) == 2
+    err = capsys.readouterr().err
+    assert str(reference / "checkpoints" / "last.pt") in err and "--resume" in err
