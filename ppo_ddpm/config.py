@@ -127,7 +127,7 @@ class PPOConfig:
     group_buffer_size: int = 32
     group_min_count: int = 16
     grad_clip: Optional[float] = 1.0
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # 0: off
     kl_beta: float = 0.0
