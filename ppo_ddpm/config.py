@@ -74,7 +74,7 @@ class DataConfig:
 class PretrainConfig:
     """Epsilon-prediction pretraining of the DDPM."""
 
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 32
     lr: float = 2e-3
     ema_decay: float = 0.99
@@ -117,7 +117,7 @@ class PPOConfig:
     batch_size: int = 32  # rollouts per iteration (per rank)
     num_epochs: int = 1
     num_minibatches: int = 1
-    microbatch: int = 16
+    microbatch: int = 32
     clip_range: float = 0.2
     per_step_clip: Optional[float] = 1.0
     global_clip: Optional[float] = 5.0
