@@ -16,8 +16,8 @@ from ppo_ddpm.utils.checkpoint import safe_load
 SHORT = [
     "model.sample_size=8", "data.image_size=8", "model.base_channels=16", "model.channel_mults=[1]",
     "model.attention_resolutions=[]", "data.procedural_count=128", "pretrain.steps=150", "pretrain.batch_size=32",
-    "reward.train_steps=100", "reward.num_fake=128", "ppo.iterations=12", "ppo.batch_size=32", "ppo.microbatch=32",
-    "sampling.num_inference_steps=6", "ppo.lr=0.001", "logging.sample_every=4", "logging.ckpt_every=5",
+    "reward.train_steps=100", "reward.num_fake=128", "ppo.iterations=24", "ppo.batch_size=32", "ppo.microbatch=32",
+    "sampling.num_inference_steps=6", "ppo.lr=0.003", "logging.sample_every=4", "logging.ckpt_every=5",
     "eval.num_samples=64", "device=cpu",
 ]
 
