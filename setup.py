@@ -21,8 +21,6 @@ def _extensions():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx_flags = ["-O2", "-g0", "-std=c++17"]
-    # rpath to torch's libraries, so `import ppo_ddpm._C` works before `import torch`.
-    link_flags = [f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
     nvcc = shutil.which("nvcc") or (
         os.environ.get("CUDA_HOME") and os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
     )
@@ -31,13 +29,10 @@ def _extensions():
         os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
-            "ppo_ddpm._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O2"]},
-            extra_link_args=link_flags,
+            "ppo_ddpm._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O2"]}
         )
     else:
-        ext = cpp_extension.CppExtension(
-            "ppo_ddpm._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
-        )
+        ext = cpp_extension.CppExtension("ppo_ddpm._C", sources, extra_compile_args={"cxx": cxx_flags})
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

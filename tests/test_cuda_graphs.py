@@ -38,7 +38,7 @@ def test_graphed_rollout_matches_eager_for_the_same_noise():
         torch.testing.assert_close(cg.log_probs, ce.log_probs, **TOL)
         torch.testing.assert_close(cg.advantages, ce.advantages, **TOL)
 
-    # explicit noise through the static buffers, checked against a plain reference loop
+    # explicit noise (the eager loop), checked against a plain reference loop
     B, n = graphed.pcfg.batch_size, graphed.n
     noise = RolloutNoise.draw(77, B, n, graphed.sample_shape, 0, "cuda", torch.float32)
     cg, _ = graphed.rollout(0, noise=noise)

@@ -8,7 +8,8 @@ import weakref
 import pytest
 import torch
 
-from ppo_ddpm.ppo import PPOTrainer
+from ppo_ddpm.ddpm.ddim import ddim_step_reference
+from ppo_ddpm.ppo import PPOTrainer, RolloutNoise
 from test_trainer_grad import TinyEps, brightness, grads, tiny_config
 
 
@@ -96,6 +97,27 @@ def test_peak_memory_independent_of_num_steps():
     assert short > 0 and long == short
     # the meter does see growth when all steps are differentiated at once
     assert peak_saved_bytes(6, True) > 2.5 * peak_saved_bytes(2, True)
+
+
+def test_seeded_rollout_draws_step_noise_in_place_and_equals_explicit_noise():
+    """rollout(seed) draws z_i step by step into one buffer; RolloutNoise.draw(seed) reproduces it
+    exactly, and both equal a plain DDIM loop over that noise."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    trainer = PPOTrainer(cfg, TinyEps().double(), brightness, "cpu")
+    B, n = cfg.ppo.batch_size, trainer.n
+    cache, _ = trainer.rollout(seed=5)
+    seeded = cache.states.clone(), cache.log_probs.clone()
+    assert trainer._z.shape == (B, *trainer.sample_shape)  # one step's noise, not [n, B, ...]
+    noise = RolloutNoise.draw(5, B, n, trainer.sample_shape, 0, "cpu", torch.float64)
+    cache, _ = trainer.rollout(seed=0, noise=noise)
+    assert torch.equal(cache.states, seeded[0]) and torch.equal(cache.log_probs, seeded[1])
+    x, plan = noise.x_T, trainer.plan
+    for i in range(n):
+        coefs = (plan.abar_t[i], plan.abar_prev[i], plan.sigma[i])
+        x, _, _ = ddim_step_reference(x, trainer.policy(x, plan.timesteps[i].expand(B)), *coefs, noise=noise.z[i],
+                                      clip_x0=cfg.sampling.clip_x0)
+        torch.testing.assert_close(cache.state(i + 1).double(), x, rtol=0, atol=1e-6)
 
 
 def test_nan_reward_batch_skipped_and_counted():

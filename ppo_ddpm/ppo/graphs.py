@@ -6,26 +6,31 @@ autotuning and Triton compilation happen outside the capture), captures one call
 write its outputs to static tensors (the trainer's noise buffers, the RolloutCache, a rows
 index buffer, a log-ratio buffer); the caller fills the inputs before each replay.
 
-RNG choice: nothing is drawn inside the graph. The rollout's x_T, step noise z and class labels
-are drawn before replay, in place into the static buffers, from a ``torch.Generator`` seeded by the
-rollout seed (``RolloutNoise.fill_``); the graph only reads them. The eager path reads the very
-same buffers, so graph and eager results agree for the same seed, and explicit noise
-(``rollout(seed, noise=...)``) works identically on both paths.
+RNG choice: the rollout's own ``torch.Generator`` is registered with the graph
+(``CUDAGraph.register_generator_state``), so the step noise z_i is drawn *inside* the graph, in
+place into one [B, C, H, W] buffer, with Philox offsets that continue from the generator's state
+at replay time. Before each replay the trainer reseeds that generator and draws x_T and the labels
+eagerly into their static buffers; the replayed steps then draw exactly the numbers the eager loop
+draws for the same seed (same generator, same order, same offsets). No [n, B, C, H, W] noise
+tensor is ever held.
 
 Parameters are read in place by the graph, so optimizer steps (in-place updates) are seen by
 later replays; a graph must be recaptured only if a buffer is reallocated.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 
 class GraphedCall:
-    """Capture ``fn()`` once on the current CUDA device; calling the object replays it."""
+    """Capture ``fn()`` once on the current CUDA device; calling the object replays it.
 
-    def __init__(self, fn: Callable[[], Any], warmup: int = 2):
+    ``generator``: a non-default CUDA generator that ``fn`` draws from, registered with the graph.
+    """
+
+    def __init__(self, fn: Callable[[], Any], warmup: int = 2, generator: Optional[torch.Generator] = None):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
@@ -33,6 +38,8 @@ class GraphedCall:
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            self.graph.register_generator_state(generator)
         with torch.cuda.graph(self.graph), torch.no_grad():
             self.output = fn()
 

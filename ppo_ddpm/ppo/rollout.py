@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -60,57 +60,65 @@ def derive_seed(*keys: int) -> int:
 
 @dataclass
 class RolloutNoise:
-    """All randomness of one rollout: x_T [B, C, H, W], step noise z [n, B, C, H, W], labels [B] | None."""
+    """The randomness of one rollout: x_T [B, C, H, W], labels [B] | None, and the step noise.
+
+    Step noise z_i [B, C, H, W] is drawn step by step from the rollout's generator into one
+    [B, C, H, W] buffer (no [n, B, C, H, W] tensor is kept), in the fixed order x_T, labels,
+    z_0 .. z_{n-1}. ``z`` [n, B, C, H, W] holds *explicit* step noise instead (tests, the
+    single-process reproduction of a sharded batch); :meth:`draw` makes the very noise that
+    ``PPOTrainer.rollout(seed)`` draws.
+    """
 
     x_T: torch.Tensor
-    z: torch.Tensor
     labels: Optional[torch.Tensor]
+    z: Optional[torch.Tensor] = None
 
     @classmethod
-    def empty(cls, batch: int, steps: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
+    def empty(cls, batch: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
         labels = torch.zeros(batch, dtype=torch.long, device=device) if num_classes > 0 else None
-        return cls(torch.empty(batch, *shape, device=device, dtype=dtype),
-                   torch.empty(steps, batch, *shape, device=device, dtype=dtype), labels)
+        return cls(torch.empty(batch, *shape, device=device, dtype=dtype), labels)
 
-    @classmethod
-    def draw(cls, seed: int, batch: int, steps: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
-        """Draw from a generator seeded by ``seed`` (x_T, then z, then labels in [0, num_classes))."""
-        out = cls.empty(batch, steps, shape, num_classes, device, dtype)
-        out.fill_(seed, num_classes)
-        return out
-
-    def fill_(self, seed: int, num_classes: int) -> "RolloutNoise":
-        """Redraw in place (static buffers of the CUDA graph): same values as :meth:`draw`."""
-        gen = torch.Generator(device=self.x_T.device).manual_seed(seed)
+    def fill_start_(self, gen: torch.Generator, num_classes: int) -> "RolloutNoise":
+        """Redraw x_T then the labels in place (static buffers of the CUDA graph) from ``gen``."""
         self.x_T.normal_(generator=gen)
-        self.z.normal_(generator=gen)
         if self.labels is not None:
             self.labels.random_(0, num_classes, generator=gen)
         return self
 
-    def copy_(self, other: "RolloutNoise") -> "RolloutNoise":
-        if other.x_T.shape != self.x_T.shape or other.z.shape != self.z.shape:
-            raise ValueError(f"rollout noise must have x_T {tuple(self.x_T.shape)} and z {tuple(self.z.shape)}, "
-                             f"got {tuple(other.x_T.shape)} and {tuple(other.z.shape)}")
+    @classmethod
+    def draw(cls, seed: int, batch: int, steps: int, shape, num_classes: int, device, dtype) -> "RolloutNoise":
+        """Explicit noise from a generator seeded by ``seed``, in the rollout's order (x_T, labels, z_i)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = cls.empty(batch, shape, num_classes, device, dtype).fill_start_(gen, num_classes)
+        out.z = torch.empty(steps, batch, *shape, device=device, dtype=dtype)
+        for i in range(steps):
+            out.z[i].normal_(generator=gen)
+        return out
+
+    def copy_start_(self, other: "RolloutNoise") -> "RolloutNoise":
+        """Copy x_T and labels of explicit noise ``other`` into these static buffers."""
+        if other.x_T.shape != self.x_T.shape:
+            raise ValueError(f"rollout noise must have x_T {tuple(self.x_T.shape)}, got {tuple(other.x_T.shape)}")
         if (other.labels is None) != (self.labels is None):
             raise ValueError("rollout noise labels must be given iff model.num_classes > 0")
         self.x_T.copy_(other.x_T)
-        self.z.copy_(other.z)
         if self.labels is not None:
             self.labels.copy_(other.labels)
         return self
 
     @classmethod
     def cat(cls, parts: list["RolloutNoise"]) -> "RolloutNoise":
-        """Concatenate shards along the batch: the global batch of several ranks' seeds."""
+        """Concatenate explicit shards along the batch: the global batch of several ranks' seeds."""
         labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
-        return cls(torch.cat([p.x_T for p in parts]), torch.cat([p.z for p in parts], 1), labels)
+        return cls(torch.cat([p.x_T for p in parts]), labels, torch.cat([p.z for p in parts], 1))
 
 
-def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, ops, *, clip_x0, sigma_floor: float) -> None:
+def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise: Callable[[int], torch.Tensor], ops,
+                 *, clip_x0, sigma_floor: float) -> None:
     """Fill ``cache`` states 0..n and log-probs 0..n-1 (formulas in the module docstring).
 
-    No host syncs and no data-dependent shapes: capturable in a CUDA graph. ``plan`` on the device.
+    ``step_noise(i)`` gives z_i [B, C, H, W] (drawn in place into one buffer, or read from explicit
+    noise). No host syncs and no data-dependent shapes: capturable in a CUDA graph.
     """
     B, dtype = noise.x_T.shape[0], noise.x_T.dtype
     cache.record_state(0, noise.x_T)
@@ -118,7 +126,7 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, ops, *, cli
     for i in range(plan.num_steps):
         coefs = (plan.abar_t[i].expand(B), plan.abar_prev[i].expand(B), plan.sigma[i].expand(B))
         eps = policy(x, plan.timesteps[i].expand(B), noise.labels)
-        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=noise.z[i], clip_x0=clip_x0, sigma_floor=sigma_floor)
+        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=step_noise(i), clip_x0=clip_x0, sigma_floor=sigma_floor)
         cache.record_state(i + 1, x_next)
         action = cache.state(i + 1).to(dtype)
         _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)

@@ -106,7 +106,11 @@ class PPOTrainer:
         self.tracker = GroupStatTracker(p.group_buffer_size, p.group_min_count) if p.advantage == "group" else None
         self.cache = RolloutCache(self.n, p.batch_size, self.sample_shape, _STATE_DTYPES[p.state_dtype], self.device)
         self.cache.set_schedule(self.plan.timesteps, self.plan.sigma)
-        self._noise = RolloutNoise.empty(p.batch_size, self.n, self.sample_shape, self.num_classes, self.device, self.dtype)
+        # Static randomness buffers: x_T and labels, and ONE step-noise buffer refilled in place at
+        # every step from self._gen (no [n, B, C, H, W] noise tensor is held).
+        self._noise = RolloutNoise.empty(p.batch_size, self.sample_shape, self.num_classes, self.device, self.dtype)
+        self._z = torch.empty(p.batch_size, *self.sample_shape, device=self.device, dtype=self.dtype)
+        self._gen = torch.Generator(device=self.device)
         self.use_graphs = p.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}
         # Parameter version: bumped by every optimizer step / load; a cache whose rollout version
@@ -135,20 +139,30 @@ class PPOTrainer:
 
     @torch.no_grad()
     def rollout(self, seed: int, *, noise: Optional[RolloutNoise] = None):
-        """Pass 1 -> (self.cache, info). ``noise``: explicit x_T/z/labels (else drawn from ``seed``)."""
+        """Pass 1 -> (self.cache, info). Randomness from a generator seeded by ``seed`` (x_T, labels,
+        then z_i step by step), or ``noise``: explicit x_T/labels/z (always the eager loop)."""
         t0 = time.perf_counter()
-        cache, B = self.cache, self.pcfg.batch_size
-        if noise is None:
-            self._noise.fill_(seed, self.num_classes)
+        cache = self.cache
+        if noise is not None:
+            if noise.z is None or noise.z.shape[0] != self.n:
+                raise ValueError(f"explicit rollout noise needs z of shape [{self.n}, B, ...] (RolloutNoise.draw)")
+            self._noise.copy_start_(noise)
+            rollout_loop(self.policy, self.plan, cache, self._noise, noise.z.__getitem__, self.ops, **self._kw())
         else:
-            self._noise.copy_(noise)
-        run = lambda: rollout_loop(self.policy, self.plan, cache, self._noise, self.ops, **self._kw())  # noqa: E731
-        if self.use_graphs:
-            if "rollout" not in self._graphs:
-                self._graphs["rollout"] = GraphedCall(run)
-            self._graphs["rollout"]()
-        else:
-            run()
+            self._gen.manual_seed(seed)
+            self._noise.fill_start_(self._gen, self.num_classes)
+            draw = lambda i: self._z.normal_(generator=self._gen)  # noqa: E731
+            run = lambda: rollout_loop(self.policy, self.plan, cache, self._noise, draw, self.ops, **self._kw())  # noqa: E731
+            if self.use_graphs:
+                if "rollout" not in self._graphs:
+                    self._graphs["rollout"] = GraphedCall(run, generator=self._gen)
+                    # capture consumed the generator: restart this rollout's stream before the replay
+                    self._gen.manual_seed(seed)
+                    self._noise.fill_start_(self._gen, self.num_classes)
+                self._graphs["rollout"]()
+            else:
+                run()
+        B = self.pcfg.batch_size
         labels = self._noise.labels
         x0 = cache.state(self.n).float()
         r, finite = check_reward(self.reward_fn(x0, labels), B, getattr(self.reward_fn, "name", repr(self.reward_fn)))
