@@ -127,7 +127,7 @@ class PPOConfig:
     group_buffer_size: int = 32
     group_min_count: int = 16
     grad_clip: Optional[float] = 1.0
-    lr: float = 5e-4
+    lr: float = 2e-4  # smoke: 5e-4 reward-hacks the real-vs-fake CNN into noise textures
     weight_decay: float = 0.0
     ema_decay: float = 0.0  # 0: off
     kl_beta: float = 0.0
