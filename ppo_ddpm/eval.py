@@ -64,16 +64,10 @@ def mean_pairwise_distance(x: torch.Tensor) -> float:
 
 
 def _upscaled_grid(x: torch.Tensor, width: int = 256) -> Image.Image:
-    from .data import to_uint8
+    """``make_grid`` of x (4 per row), upscaled by the integer factor that brings it near ``width`` px."""
+    from .data import make_grid
 
-    n, _, h, w = x.shape
-    nrow = min(4, n)
-    rows = -(-n // nrow)
-    grid = np.zeros((rows * (h + 1) + 1, nrow * (w + 1) + 1, 3), np.uint8)
-    for i, img in enumerate(to_uint8(x.cpu()).numpy()):
-        r, c = divmod(i, nrow)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    im = Image.fromarray(grid, "RGB")
+    im = Image.fromarray(make_grid(x, nrow=4), "RGB")
     k = max(1, width // im.width)
     return im.resize((im.width * k, im.height * k), Image.NEAREST)
 

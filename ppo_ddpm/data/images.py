@@ -128,11 +128,12 @@ def save_images(x: torch.Tensor, folder: str | Path, prefix: str, start: int = 0
     return paths
 
 
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> Path:
-    """Tile x [B, 3, H, W] in [-1, 1] into a PNG, ``nrow`` images per row, black ``padding`` px."""
-    _check_batch(x, "save_grid")
+def make_grid(x: torch.Tensor, nrow: int = 8, padding: int = 1, what: str = "make_grid") -> np.ndarray:
+    """Tile x [B, 3, H, W] in [-1, 1] -> uint8 [rows (H + p) + p, cols (W + p) + p, 3], ``nrow``
+    images per row, black ``padding`` px (``what`` names the caller in errors)."""
+    _check_batch(x, what)
     if nrow < 1:
-        raise DataError(f"save_grid: nrow must be >= 1, got {nrow}")
+        raise DataError(f"{what}: nrow must be >= 1, got {nrow}")
     b, _, h, w = x.shape
     ncol, nrows = min(nrow, b), math.ceil(b / nrow)
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), np.uint8)
@@ -140,6 +141,12 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1
         r, c = divmod(i, nrow)
         y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
         grid[y0 : y0 + h, x0 : x0 + w] = img
+    return grid
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> Path:
+    """Write ``make_grid(x, nrow, padding)`` as a PNG (parent folders created); returns the path."""
+    grid = make_grid(x, nrow, padding, what="save_grid")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid, "RGB").save(path)
