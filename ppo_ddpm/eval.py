@@ -47,8 +47,7 @@ def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generato
     x = x_T
     kl = torch.zeros(plan.num_steps, x_T.shape[0], dtype=torch.float64, device=x_T.device)
     for i in range(plan.num_steps):
-        t = plan.timesteps[i].expand(x.shape[0])
-        step = (plan.abar_t[i], plan.abar_prev[i], plan.sigma[i])
+        t, *step = plan.step(i, x.shape[0])
         x_next, mu_ft, _ = ddim_step_reference(x, ft(x, t, class_labels), *step, clip_x0=clip_x0, generator=generator)
         _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *step, x_prev=x_next, clip_x0=clip_x0)
         kl[i] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)

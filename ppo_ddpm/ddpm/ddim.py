@@ -66,6 +66,11 @@ class DDIMPlan:
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
 
+    def step(self, i, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, abar_t, abar_prev, sigma) of step ``i`` (an int, or an index tensor [batch] for one step
+        per sample), each expanded to [batch]: per-sample inputs of the model and the DDIM step."""
+        return tuple(getattr(self, f)[i].expand(batch) for f in ("timesteps", "abar_t", "abar_prev", "sigma"))
+
     def to(self, device) -> "DDIMPlan":
         return DDIMPlan(*(getattr(self, f).to(device) for f in ("timesteps", "prev_timesteps", "abar_t", "abar_prev", "sigma")))
 

@@ -27,11 +27,8 @@ def ddim_sample(
     try:
         x = x_T
         for i in range(plan.num_steps):
-            t = plan.timesteps[i].expand(x.shape[0])
-            eps = model(x, t, class_labels)
-            x, _, _ = ddim_step_reference(
-                x, eps, plan.abar_t[i], plan.abar_prev[i], plan.sigma[i], clip_x0=clip_x0, generator=generator
-            )
+            t, *coefs = plan.step(i, x.shape[0])
+            x, _, _ = ddim_step_reference(x, model(x, t, class_labels), *coefs, clip_x0=clip_x0, generator=generator)
     finally:
         model.train(was_training)
     return x

@@ -124,8 +124,8 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
     cache.record_state(0, noise.x_T)
     x = cache.state(0).to(dtype)
     for i in range(plan.num_steps):
-        coefs = (plan.abar_t[i].expand(B), plan.abar_prev[i].expand(B), plan.sigma[i].expand(B))
-        eps = policy(x, plan.timesteps[i].expand(B), noise.labels)
+        t, *coefs = plan.step(i, B)
+        eps = policy(x, t, noise.labels)
         x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=step_noise(i), clip_x0=clip_x0, sigma_floor=sigma_floor)
         cache.record_state(i + 1, x_next)
         action = cache.state(i + 1).to(dtype)
@@ -142,8 +142,8 @@ def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, first_
     for j, i in enumerate(range(first_step, plan.num_steps)):
         x = cache.state(i).index_select(0, rows).to(dtype)
         action = cache.state(i + 1).index_select(0, rows).to(dtype)
-        coefs = (plan.abar_t[i].expand(m), plan.abar_prev[i].expand(m), plan.sigma[i].expand(m))
-        eps = policy(x, plan.timesteps[i].expand(m), labels)
+        t, *coefs = plan.step(i, m)
+        eps = policy(x, t, labels)
         _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
         out[j].copy_(log_prob - cache.log_probs[i].index_select(0, rows))
     return out

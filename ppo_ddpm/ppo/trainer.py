@@ -4,8 +4,9 @@ scores x_0. Per-step policy: N(x_{i+1}; mu_theta(x_i, t_i), s_i^2 I), s_i = max(
 
 Two passes per iteration (peak memory independent of the number of steps):
 
-1. ``rollout(seed)`` (no grad): x_T, step noise, labels from a generator seeded by ``seed``; the
-   DDIM loop records states and old log-probs in the RolloutCache (``rollout.rollout_loop``);
+1. ``rollout(seed)`` (no grad): x_T, labels, then the step noise z_i step by step, from a generator
+   seeded by ``seed``; the DDIM loop records states and old log-probs in the RolloutCache
+   (``rollout.rollout_loop``);
    rewards r_b = R(x_0), checked (a batch with NaN/inf is skipped and counted); advantages over
    the global batch (all_gather when distributed), the local slice kept.
 2. ``update(cache)``: for each epoch and minibatch (``cache.minibatch_plan``) and the per-sample
@@ -219,7 +220,7 @@ class PPOTrainer:
         x_t = cache.states[steps, rows].to(self.dtype)
         action = cache.states[steps + 1, rows].to(self.dtype)
         old = cache.log_probs[steps, rows]
-        t, coefs = self.plan.timesteps[steps], (self.plan.abar_t[steps], self.plan.abar_prev[steps], self.plan.sigma[steps])
+        t, *coefs = self.plan.step(steps, rows.shape[0])
         labels = self._labels(cache, rows)
         eps = self.policy(x_t, t, labels)
         _, mu, _ = self.ops.ddim_step(x_t, eps, *coefs, x_prev=action, **self._kw())
@@ -353,10 +354,9 @@ class PPOTrainer:
         if self.num_classes > 0 and class_labels is None:
             class_labels = torch.randint(0, self.num_classes, (B,), generator=gen, device=self.device)
         for i in range(self.n):
-            coefs = (self.plan.abar_t[i].expand(B), self.plan.abar_prev[i].expand(B), self.plan.sigma[i].expand(B))
+            t, *coefs = self.plan.step(i, B)
             z = torch.randn(x.shape, generator=gen, device=self.device, dtype=self.dtype)
-            x, _, _ = self.ops.ddim_step(x, policy(x, self.plan.timesteps[i].expand(B), class_labels), *coefs,
-                                         noise=z, **self._kw())
+            x, _, _ = self.ops.ddim_step(x, policy(x, t, class_labels), *coefs, noise=z, **self._kw())
         return x
 
     def state_dict(self) -> dict:
