@@ -187,14 +187,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # try the next member; none fits -> one error naming the whole union
         raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
