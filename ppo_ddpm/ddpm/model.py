@@ -14,7 +14,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, config_from_dict

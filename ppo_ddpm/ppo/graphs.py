@@ -31,6 +31,9 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[[], Any], warmup: int = 2, generator: Optional[torch.Generator] = None):
+        if generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            raise RuntimeError("this torch build cannot draw from a custom generator inside a CUDA graph "
+                               "(CUDAGraph.register_generator_state is missing); set ppo.cuda_graphs: false")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():
