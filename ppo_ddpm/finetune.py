@@ -140,10 +140,11 @@ def save_run_checkpoint(ckpt_dir: Path, state: dict) -> Path:
     return atomic_save(state, last)
 
 
-def load_run_checkpoint(path: str | Path, cfg: Config) -> dict:
-    """Load a run checkpoint with ``safe_load`` and check it belongs to ``cfg``.
+def load_run_checkpoint(path: str | Path, cfg: Config, world: int = 1) -> dict:
+    """Load a run checkpoint with ``safe_load`` and check it belongs to ``cfg`` and ``world`` processes.
 
-    A missing key, another format or a config key that differs (other than those in RESUMABLE)
+    A missing key, another format, a config key that differs (other than those in RESUMABLE) or
+    another number of processes (``ppo.batch_size`` is per rank: the global batch would change)
     raises :class:`CheckpointError` naming the file and the key.
     """
     path = Path(path)
@@ -155,6 +156,12 @@ def load_run_checkpoint(path: str | Path, cfg: Config) -> dict:
             raise CheckpointError(f"{path}: not a ppo_ddpm run checkpoint (missing key '{key}')")
     if state["format"] != CKPT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {state['format']!r}, expected {CKPT_FORMAT!r}")
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world:
+        raise CheckpointError(
+            f"{path}: written by {saved_world} process(es) but this run has {world}; ppo.batch_size is per rank, "
+            f"so the global batch would change: resume with torchrun --nproc_per_node={saved_world}"
+        )
     try:
         saved = config_to_dict(config_from_dict(state["config"], source=f"{path} (config)"))
     except ConfigError as e:
@@ -285,7 +292,7 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
     state, ckpt_path = None, None
     if resume is not None:
         ckpt_path = Path(resume) if resume else ckpt_dir / "last.pt"
-        state = load_run_checkpoint(ckpt_path, cfg)
+        state = load_run_checkpoint(ckpt_path, cfg, world)
 
     set_seed(cfg.seed + rank)
     policy = build_model(cfg.model).to(device)

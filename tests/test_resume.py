@@ -159,6 +159,14 @@ def test_mismatched_checkpoint_is_a_clear_error(setup, reference, tmp_path, caps
     assert main(_args(sets, tmp_path / "b") + ["--resume", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "conv_in.weight" in err
+    # written by another number of processes (the per-rank batch would change the global batch)
+    state = safe_load(ckpt)
+    state["world_size"] = 2
+    state["config"]["output_dir"] = str(tmp_path / "d")
+    other_world = atomic_save(state, tmp_path / "world2.pt")
+    assert main(_args(sets, tmp_path / "d") + ["--resume", str(other_world)]) == 2
+    err = capsys.readouterr().err
+    assert str(other_world) in err and "2 process(es)" in err and "--nproc_per_node=2" in err
     # not a run checkpoint at all (a model file)
     assert main(_args(sets, tmp_path / "c") + ["--resume", str(d / "base.pth")]) == 2
     assert "missing key" in capsys.readouterr().err
