@@ -31,6 +31,7 @@ from .ddpm.ddim import ddim_step_reference, make_ddim_plan
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_sample
 from .ddpm.schedules import NoiseSchedule
+from .ppo.rollout import check_sigma_floor
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
 
@@ -127,10 +128,8 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     sc = cfg.sampling
     plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
                           sc.spacing, sc.set_alpha_to_one).to(device)
+    check_sigma_floor(plan, cfg.ppo.sigma_floor)  # the KL drift needs s_t = max(sigma_t, sigma_floor) > 0
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
-    if (s <= 0).any():
-        raise ConfigError(f"sampling.eta={sc.eta} gives sigma_t = 0 at some step and ppo.sigma_floor={cfg.ppo.sigma_floor}; "
-                          "the KL drift needs s_t = max(sigma_t, sigma_floor) > 0: set ppo.sigma_floor > 0")
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
     xs_b, xs_f, rs_b, rs_f, kls = [], [], [], [], []
     for k, start in enumerate(range(0, cfg.eval.num_samples, cfg.eval.batch_size)):

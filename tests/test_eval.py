@@ -119,3 +119,7 @@ def test_cli_defaults_and_errors(models, capsys):
     assert main(args + ["--base", str(d / "base.pth"), "--finetuned", str(d / "wide.pth")]) == 2
     err = capsys.readouterr().err
     assert "wide.pth" in err and "base_channels" in err
+    # a deterministic last step (sigma_t = 0) without a floor: the KL drift is undefined
+    no_floor = args + ["--set", "ppo.sigma_floor=0.0", "--base", str(d / "base.pth"), "--finetuned", str(d / "shifted.pth")]
+    assert main(no_floor) == 2
+    assert "ppo.sigma_floor" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..ddpm.ddim import DDIMPlan
 
 
@@ -39,12 +40,13 @@ def kernel_ops(use_kernels: bool) -> SimpleNamespace:
 
 
 def check_sigma_floor(plan: DDIMPlan, sigma_floor: float) -> None:
-    """Host-side, once: a step with sigma_t = 0 and no floor has no density (log-prob undefined)."""
+    """Host-side, once: a step with sigma_t = 0 and no floor has no density (log-prob undefined).
+    Raises ConfigError (a ValueError) naming ppo.sigma_floor."""
     if sigma_floor < 0:
-        raise ValueError(f"ppo.sigma_floor must be >= 0, got {sigma_floor}")
+        raise ConfigError(f"ppo.sigma_floor must be >= 0, got {sigma_floor}")
     zero = (plan.sigma.cpu() <= 0).nonzero().flatten().tolist()
     if zero and sigma_floor == 0:
-        raise ValueError(
+        raise ConfigError(
             f"DDIM steps {zero} (timesteps {plan.timesteps.cpu()[zero].tolist()}) are deterministic (sigma_t = 0), "
             "so their log-probs are undefined and PPO ratios cannot be computed. Set ppo.sigma_floor > 0 "
             "(log-probs then use s_t = max(sigma_t, sigma_floor)), or make every step stochastic: "
