@@ -1,43 +1,246 @@
-"""Typed configuration: dataclasses loaded from YAML, overridden from the command line.
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line, validated.
 
 The dataclass defaults *are* the embedded default (the CPU smoke run); ``configs/smoke.yaml``
 spells the same values out and ``configs/default.yaml`` is the GPU-sized run.
 
-    cfg = load_config("configs/default.yaml", overrides=["ppo.clip_range=0.1"])
+    cfg = load_config("configs/default.yaml", overrides=["ppo.clip_range=0.1"], validate=True)
 
-An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key
-(``ppo.clip_range``) and the file it came from.
+Loading: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key
+(``ppo.clip_range``) and the file it came from. Floats may be written ``1e-4`` as well as
+``1.0e-4`` (YAML 1.2 style; plain YAML 1.1 reads ``1e-4`` as a string), in files and in ``--set``.
+
+Validation (:func:`validate_config`, run by every CLI before any stage) checks every value
+against the rules declared beside the fields, and raises one ConfigError listing each violation
+as ``<origin>: <key> = <value>: <problem>``, where origin is the file, ``--set`` or ``default``:
+
+- a per-field rule is the field's metadata, made by :func:`rule`: bounds ``ge / gt / le / lt``
+  (applied to each element of a list; ``None`` of an Optional field always passes), ``nonempty``,
+  and ``check``, a function ``value -> problem | None``::
+
+      lr: float = rule(2e-4, gt=0)
+      channel_mults: list[int] = rule([1, 2], ge=1, nonempty=True)
+
+- a rule over several fields is a :class:`Check` in the ``RULES`` tuple of the dataclass that holds
+  them (keys relative to it; ``Config.RULES`` relates sections with dotted keys). Its function
+  gets the keys' values in order and returns a problem or None::
+
+      RULES: ClassVar[tuple] = (
+          Check(("batch_size", "num_minibatches"),
+                lambda b, m: need(b % m == 0, "ppo.batch_size must be a multiple of ppo.num_minibatches")),
+      )
+
+  A Check runs only when its keys passed their own field rules. Every float must be finite.
+
+To add a field: declare it with ``rule(default, ...)`` (a plain default means "no rule"), add it to
+``configs/smoke.yaml`` (tests check that file spells out every key), and add a Check for any
+relation to other fields. Checks that touch the file system (``output_dir``, ``data.root``,
+``model.pretrained``, the reward model's image size) or the machine (``device``) live here too,
+so a bad run fails before its first stage.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override is malformed; the message names the key and the source."""
+    """A config file, override or value is invalid; the message names the key, the value and the source."""
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A per-field rule (see the module docstring); ``problems(value)`` lists what is wrong with a value."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    nonempty: bool = False
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    def _bounds(self) -> str:
+        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        if lo and hi:
+            return f"must be in {lo}, {hi}"
+        return f"must be {'>=' if self.ge is not None else '>'} {lo[1:]}" if lo else f"must be {'<=' if self.le is not None else '<'} {hi[:-1]}"
+
+    def _in_bounds(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def problems(self, value: Any) -> list[str]:
+        if value is None:
+            return []
+        out = []
+        if self.nonempty and len(value) == 0:
+            out.append("must not be empty")
+        if any(b is not None for b in (self.ge, self.gt, self.le, self.lt)):
+            items = value if isinstance(value, list) else [value]
+            if not all(self._in_bounds(v) for v in items):
+                out.append(("every element " if isinstance(value, list) else "") + self._bounds())
+        if self.check is not None and not out:
+            problem = self.check(value)
+            if problem:
+                out.append(problem)
+        return out
+
+
+def rule(default: Any, *, ge=None, gt=None, le=None, lt=None, nonempty: bool = False,
+         check: Optional[Callable[[Any], Optional[str]]] = None):
+    """A dataclass field with ``default`` and a :class:`Rule` in its metadata (lists get a default_factory)."""
+    meta = {"rule": Rule(ge, gt, le, lt, nonempty, check)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Check:
+    """A rule over several fields: ``problem(*values of keys) -> str | None``; ``show``: the keys to
+    print with a violation (default ``keys``)."""
+
+    keys: tuple[str, ...]
+    problem: Callable[..., Optional[str]]
+    show: Optional[tuple[str, ...]] = None
+
+
+def need(ok: bool, problem: str) -> Optional[str]:
+    """``None`` when ``ok``, else ``problem`` (the body of most checks)."""
+    return None if ok else problem
+
+
+def device_problem(name: str) -> Optional[str]:
+    """What is wrong with the device string ``name`` on this machine, or None."""
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "expected auto, cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"device type {device.type!r} is not supported; expected auto, cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (use device: cpu or auto)"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def _output_dir_problem(path: str) -> Optional[str]:
+    if path.strip() == "":
+        return "must name a folder (an empty output_dir would write into the current folder)"
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return need(p.is_dir(), f"{p} exists and is not a folder")
+    return None
+
+
+def _existing(kind: str) -> Callable[[str], Optional[str]]:
+    def problem(path: str) -> Optional[str]:
+        if path == "":
+            return None
+        p = Path(path)
+        if not p.exists():
+            return f"{kind} not found"
+        return need(p.is_dir() if kind == "folder" else True, f"{p} is not a folder")
+
+    return problem
+
+
+def _attention_problem(size: int, mults: list[int], attention: list[int]) -> Optional[str]:
+    resolutions = [size // 2**i for i in range(len(mults))]
+    unused = sorted(set(attention) - set(resolutions))
+    return need(not unused, f"model.attention_resolutions {unused} match no UNet resolution {resolutions}")
+
+
+def _plugin_problem(kind: str, function: str) -> Optional[str]:
+    if kind != "plugin":
+        return None
+    from .reward.plugin import load_plugin
+    from .reward.base import RewardError
+
+    try:
+        load_plugin(function)
+    except RewardError as e:
+        return str(e)
+    return None
+
+
+def _reward_model_problem(kind: str, path: str, sample_size: int, in_channels: int) -> Optional[str]:
+    """A reward CNN file must score images of the model's size (read from its metadata only)."""
+    if kind not in ("model", "classifier"):
+        return None
+    if path == "":
+        return need(kind == "model", "reward.kind=classifier needs reward.model_path (a classifier CNN file)")
+    if not Path(path).is_file():
+        return "reward.model_path: file not found"
+    from .reward.model import read_reward_model_config
+
+    stored = read_reward_model_config(path)
+    if stored is None:
+        return None  # not a readable reward model: build_reward reports it
+    size, channels = stored.get("image_size"), stored.get("in_channels")
+    if (size, channels) != (sample_size, in_channels):
+        return (f"the reward model {path} scores images of {channels}x{size}x{size} but the model makes "
+                f"{in_channels}x{sample_size}x{sample_size}; train the reward model at model.sample_size={sample_size}")
+    return None
+
+
+def _sigma_floor_problem(sigma_floor: float, sampling: "SamplingConfig", schedule: "ScheduleConfig") -> Optional[str]:
+    from .ddpm.ddim import make_ddim_plan
+    from .ddpm.schedules import NoiseSchedule
+    from .ppo.rollout import check_sigma_floor
+
+    plan = make_ddim_plan(NoiseSchedule.from_config(schedule).alphas_cumprod, sampling.num_inference_steps,
+                          sampling.eta, sampling.spacing, sampling.set_alpha_to_one)
+    try:
+        check_sigma_floor(plan, sigma_floor)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+SEED_BOUND = 2**63  # seeds are offset (rank, batch index) and must stay non-negative int64
+
+
+# --------------------------------------------------------------------------- sections
 
 
 @dataclass
 class ModelConfig:
     """UNet size. ``pretrained`` is a ``ddpm.pth`` / ``.safetensors`` file or a diffusers folder."""
 
-    sample_size: int = 16
-    in_channels: int = 3
-    base_channels: int = 32
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2])
-    num_res_blocks: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    dropout: float = 0.0
-    num_classes: int = 0  # 0: unconditional
-    pretrained: str = ""
+    sample_size: int = rule(16, ge=1)
+    in_channels: int = rule(3, check=lambda c: need(c == 3, "must be 3: image folders and rewards are RGB"))
+    base_channels: int = rule(32, ge=1)
+    channel_mults: list[int] = rule([1, 2], ge=1, nonempty=True)
+    num_res_blocks: int = rule(1, ge=1)
+    attention_resolutions: list[int] = rule([8], ge=1)
+    dropout: float = rule(0.0, ge=0, lt=1)
+    num_classes: int = rule(0, ge=0)  # 0: unconditional
+    pretrained: str = rule("", check=_existing("file or folder"))
+
+    RULES: ClassVar[tuple] = (
+        Check(("sample_size", "channel_mults"), lambda s, m: need(
+            s % 2 ** (len(m) - 1) == 0, "model.sample_size must be divisible by 2^(len(model.channel_mults) - 1)")),
+        Check(("sample_size", "channel_mults", "attention_resolutions"), _attention_problem),
+    )
 
 
 @dataclass
@@ -45,19 +248,23 @@ class ScheduleConfig:
     """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021)."""
 
     kind: Literal["linear", "cosine"] = "linear"
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    num_train_timesteps: int = rule(1000, ge=1)
+    beta_start: float = rule(1e-4, gt=0, lt=1)
+    beta_end: float = rule(0.02, gt=0, lt=1)
+
+    RULES: ClassVar[tuple] = (
+        Check(("beta_start", "beta_end"), lambda a, b: need(a <= b, "schedule.beta_start must be <= schedule.beta_end")),
+    )
 
 
 @dataclass
 class SamplingConfig:
     """DDIM sampler (Song et al. 2021): eta=0 deterministic, eta=1 DDPM-like variance."""
 
-    num_inference_steps: int = 10
-    eta: float = 1.0
+    num_inference_steps: int = rule(10, ge=1)
+    eta: float = rule(1.0, ge=0, le=1)
     spacing: Literal["leading", "trailing"] = "leading"
-    clip_x0: Optional[float] = 1.0  # clamp predicted x_0 to [-c, c]; null: off
+    clip_x0: Optional[float] = rule(1.0, gt=0)  # clamp predicted x_0 to [-c, c]; null: off
     set_alpha_to_one: bool = True  # abar_prev of the last step is 1 (else abar_0)
 
 
@@ -65,21 +272,22 @@ class SamplingConfig:
 class DataConfig:
     """Image data. ``root`` empty: a procedural dataset is made under ``output_dir``."""
 
-    root: str = ""
-    image_size: int = 16
-    procedural_count: int = 512
+    root: str = rule("", check=_existing("folder"))
+    image_size: int = rule(16, ge=1)
+    procedural_count: int = rule(512, ge=1)
 
 
 @dataclass
 class PretrainConfig:
-    """Epsilon-prediction pretraining of the DDPM."""
+    """Epsilon-prediction pretraining of the DDPM; a resumable checkpoint every ``ckpt_every`` steps."""
 
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-3
-    ema_decay: float = 0.99
+    steps: int = rule(300, ge=1)
+    batch_size: int = rule(32, ge=1)
+    lr: float = rule(2e-3, gt=0)
+    ema_decay: float = rule(0.99, ge=0, lt=1)
     format: Literal["pth", "safetensors"] = "pth"
-    log_every: int = 50
+    log_every: int = rule(50, ge=1)
+    ckpt_every: int = rule(100, ge=1)
 
 
 @dataclass
@@ -96,12 +304,14 @@ class RewardConfig:
     target_class: int = 1
     function: str = ""
     # reward-model training (python -m ppo_ddpm.train_reward_model)
-    hidden_channels: int = 16
-    train_steps: int = 300
-    batch_size: int = 64
-    lr: float = 2e-3
-    held_out_fraction: float = 0.2
-    num_fake: int = 512  # fakes sampled from the base DDPM when data has no fake/ folder
+    hidden_channels: int = rule(16, ge=1)
+    train_steps: int = rule(300, ge=1)
+    batch_size: int = rule(64, ge=2)  # class-balanced: at least one image per class
+    lr: float = rule(2e-3, gt=0)
+    held_out_fraction: float = rule(0.2, gt=0, lt=1)
+    num_fake: int = rule(512, ge=1)  # fakes sampled from the base DDPM when data has no fake/ folder
+
+    RULES: ClassVar[tuple] = (Check(("kind", "function"), _plugin_problem),)
 
 
 @dataclass
@@ -113,51 +323,58 @@ class PPOConfig:
     """
 
     objective: Literal["trajectory", "per_step"] = "trajectory"
-    iterations: int = 20
-    batch_size: int = 32  # rollouts per iteration (per rank)
-    num_epochs: int = 1
-    num_minibatches: int = 1
-    microbatch: int = 32
-    clip_range: float = 0.2
-    per_step_clip: Optional[float] = 1.0
-    global_clip: Optional[float] = 5.0
-    sigma_floor: float = 1e-2
-    adv_clip: Optional[float] = 5.0
+    iterations: int = rule(20, ge=0)
+    batch_size: int = rule(32, ge=1)  # rollouts per iteration (per rank)
+    num_epochs: int = rule(1, ge=1)
+    num_minibatches: int = rule(1, ge=1)
+    microbatch: int = rule(32, ge=1)
+    clip_range: float = rule(0.2, gt=0)
+    per_step_clip: Optional[float] = rule(1.0, gt=0)
+    global_clip: Optional[float] = rule(5.0, gt=0)
+    sigma_floor: float = rule(1e-2, ge=0)
+    adv_clip: Optional[float] = rule(5.0, gt=0)
     advantage: Literal["global", "group"] = "global"
-    group_buffer_size: int = 32
-    group_min_count: int = 16
-    grad_clip: Optional[float] = 1.0
-    lr: float = 2e-4  # smoke: 5e-4 reward-hacks the real-vs-fake CNN into noise textures
-    weight_decay: float = 0.0
-    ema_decay: float = 0.0  # 0: off
-    kl_beta: float = 0.0
-    timestep_fraction: float = 1.0
-    train_last_k: int = 0  # 0: all steps
+    group_buffer_size: int = rule(32, ge=1)
+    group_min_count: int = rule(16, ge=0)
+    grad_clip: Optional[float] = rule(1.0, gt=0)
+    lr: float = rule(2e-4, gt=0)  # smoke: 5e-4 reward-hacks the real-vs-fake CNN into noise textures
+    weight_decay: float = rule(0.0, ge=0)
+    ema_decay: float = rule(0.0, ge=0, lt=1)  # 0: off
+    kl_beta: float = rule(0.0, ge=0)
+    timestep_fraction: float = rule(1.0, gt=0, le=1)
+    train_last_k: int = rule(0, ge=0)  # 0: all steps
     state_dtype: Literal["float32", "bfloat16"] = "float32"
     cuda_graphs: bool = True
     use_kernels: bool = True
+
+    RULES: ClassVar[tuple] = (
+        Check(("batch_size", "num_minibatches"), lambda b, m: need(
+            b % m == 0, "ppo.batch_size must be a multiple of ppo.num_minibatches")),
+        Check(("group_min_count", "group_buffer_size"), lambda c, n: need(
+            c <= n, "ppo.group_min_count must be <= ppo.group_buffer_size")),
+    )
 
 
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    log_every: int = 1
-    sample_every: int = 10
-    ckpt_every: int = 10
+    log_every: int = rule(1, ge=1)
+    sample_every: int = rule(10, ge=0)  # 0: no sample grids
+    ckpt_every: int = rule(10, ge=1)
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 64
-    batch_size: int = 64
-    seed: int = 1234
+    num_samples: int = rule(64, ge=1)
+    batch_size: int = rule(64, ge=1)
+    seed: int = rule(1234, ge=0, lt=SEED_BOUND)
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    output_dir: str = "runs/smoke"
+    seed: int = rule(0, ge=0, lt=SEED_BOUND)
+    device: str = rule("auto", check=device_problem)  # auto | cpu | cuda | cuda:N
+    output_dir: str = rule("runs/smoke", check=_output_dir_problem)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -168,8 +385,101 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    RULES: ClassVar[tuple] = (
+        Check(("data.image_size", "model.sample_size"), lambda d, m: need(
+            d == m, "data.image_size must equal model.sample_size (the reward scores the model's samples)")),
+        Check(("data.root", "data.image_size"), lambda root, s: need(
+            root != "" or s >= 4, "the procedural dataset (data.root empty) needs data.image_size >= 4")),
+        Check(("model.num_classes", "data.root", "model.pretrained"), lambda n, root, pre: need(
+            n == 0 or root != "" or pre != "",
+            "a class-conditional model needs class folders data.root/real/<c>/ (the procedural dataset has no classes)")),
+        Check(("sampling.num_inference_steps", "schedule.num_train_timesteps"), lambda n, T: need(
+            n <= T, "sampling.num_inference_steps must be <= schedule.num_train_timesteps")),
+        Check(("ppo.train_last_k", "sampling.num_inference_steps"), lambda k, n: need(
+            k <= n, "ppo.train_last_k must be <= sampling.num_inference_steps")),
+        Check(("reward.kind", "reward.target_class", "model.num_classes"), lambda kind, c, n: need(
+            kind != "classifier" or c >= 0 or n > 0,
+            "reward.target_class < 0 scores each sample's class label, but the model is unconditional")),
+        Check(("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels"), _reward_model_problem),
+        Check(("ppo.sigma_floor", "sampling", "schedule"), _sigma_floor_problem,
+              show=("ppo.sigma_floor", "sampling.eta", "sampling.set_alpha_to_one")),
+    )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: set[str]) -> None:
+    """Append (keys, problem) for every field rule, non-finite float and Check of ``obj`` (sections first);
+    ``bad`` collects the keys found wrong so far."""
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _walk(value, key + ".", found, bad)
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            problems = ["must be a finite number"]
+        else:
+            r = f.metadata.get("rule")
+            problems = r.problems(value) if r is not None else []
+        for problem in problems:
+            found.append(((key,), problem))
+            bad.add(key)
+    for check in getattr(type(obj), "RULES", ()):
+        keys = [prefix + k for k in check.keys]
+        if any(b == k or b.startswith(k + ".") for k in keys for b in bad):
+            continue
+        problem = check.problem(*(_get(obj, k) for k in check.keys))
+        if problem:
+            found.append((tuple(prefix + k for k in (check.show or check.keys)), problem))
+            bad.update(keys)  # later checks over these keys would only repeat the problem
+
+
+def validate_config(cfg: Config, origins: Optional[dict[str, str]] = None) -> Config:
+    """Check every rule of ``cfg`` (see the module docstring); return ``cfg`` or raise one ConfigError.
+
+    ``origins`` maps a dotted key to where its value came from (a file, ``--set``); other keys are
+    ``default`` (or ``config`` when no origins are given: a Config built in code).
+    """
+    found: list[tuple[tuple[str, ...], str]] = []
+    _walk(cfg, "", found, set())
+    if not found:
+        return cfg
+    fallback = "default" if origins is not None else "config"
+    lines = []
+    for keys, problem in found:
+        where = list(dict.fromkeys((origins or {}).get(k, fallback) for k in keys))
+        values = ", ".join(f"{k} = {_get(cfg, k)!r}" for k in keys)
+        lines.append(f"{', '.join(where)}: {values}: {problem}")
+    if len(lines) == 1:
+        raise ConfigError(lines[0])
+    raise ConfigError(f"{len(lines)} invalid config values:\n  " + "\n  ".join(lines))
+
 
 # --------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` / ``3E+5`` (no dot) as floats, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 floats (``1e-4``)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_name(tp: Any) -> str:
@@ -253,32 +563,57 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set '{item}': expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set '{item}': cannot parse value: {e}") from None
         _set_nested(data, key.strip(), value, "--set")
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the embedded default when None), then apply ``overrides``."""
+def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        out.extend(_leaf_keys(v, key + ".") if isinstance(v, dict) else [key])
+    return out
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping of a YAML config file; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = parse_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, validate: bool = False) -> Config:
+    """Load ``path`` (or the embedded default when None), then apply ``overrides``; with ``validate``
+    check every rule, naming each bad value's file or ``--set``."""
     data: dict = {}
     source = "<embedded default>"
+    origins: dict[str, str] = {}
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+        data = read_config_file(path)
+        origins = dict.fromkeys(_leaf_keys(data), str(path))
     if overrides:
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
-    return config_from_dict(data, source)
+        origins.update(dict.fromkeys(_leaf_keys(apply_overrides({}, overrides)), "--set"))
+    cfg = config_from_dict(data, source)
+    return validate_config(cfg, origins) if validate else cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -295,4 +630,5 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.cfg, args.overrides)
+    """The validated config of ``--cfg`` and ``--set``."""
+    return load_config(args.cfg, args.overrides, validate=True)

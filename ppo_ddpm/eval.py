@@ -4,21 +4,26 @@ Batch k of ``eval.batch_size`` samples draws x_T and every step's z from one gen
 ``eval.seed + k``; the base model and the fine-tuned model consume the identical draws.
 Reported (``{output_dir}/eval/eval.json``, TensorBoard under ``{output_dir}/tb``, tag ``eval/``):
 
-- reward mean and std (population, ddof 0) of each model;
-- win rate = mean_b [r_ft,b > r_base,b] (same noise b);
+- reward mean and std (population, ddof 0) of each model, over its finite rewards: NaN / inf
+  rewards are excluded and counted (``base_nonfinite_rewards``, ``finetuned_nonfinite_rewards``);
+- win rate = mean_b [r_ft,b > r_base,b] (same noise b) over the ``win_rate_pairs`` pairs where both
+  rewards are finite;
 - per-step KL drift along the fine-tuned trajectory, with s_t = max(sigma_t, ppo.sigma_floor):
   KL_t = mean_b ||mu_ft(x_t) - mu_base(x_t)||^2 / (2 s_t^2), x_t the fine-tuned state;
   ``kl_drift_total`` = sum_t KL_t (the KL of the two trajectory distributions, given the same x_T);
 - diversity = mean pairwise L2 distance ||x0_i - x0_j|| over the samples of one model.
 
+A value that is not finite (a diverged model) is written as ``null``: eval.json is always valid JSON.
+
 Images: ``side_by_side.png`` (base | fine-tuned, same noise in the same grid cell) and
-``reward_hist.png``. Defaults: base = ``model.pretrained`` (or the run's pretrained model from
+``reward_hist.png`` (of the finite rewards; not drawn when a model has none). Defaults: base = ``model.pretrained`` (or the run's pretrained model from
 pipeline.json), fine-tuned = ``{output_dir}/finetuned.pth``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,14 +31,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .config import Config, ConfigError, add_config_args, config_from_args
+from .config import Config, add_config_args, config_from_args, validate_config
 from .ddpm.ddim import ddim_step_reference, make_ddim_plan
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_sample
 from .ddpm.schedules import NoiseSchedule
-from .ppo.rollout import check_sigma_floor
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
+from .utils.cli import run_cli
+from .utils.lock import RunLock
 
 GRID = 16  # samples shown per model in side_by_side.png
 BASE_COLOUR, FT_COLOUR = (60, 110, 200), (230, 120, 40)
@@ -119,8 +125,7 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     """Compare the two models on ``cfg.eval.num_samples`` shared noises; write the artefacts; return the summary."""
     from .reward import build_reward
 
-    if cfg.eval.num_samples < 1 or cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.num_samples and eval.batch_size must be >= 1, got {cfg.eval.num_samples}, {cfg.eval.batch_size}")
+    validate_config(cfg)  # also: s_t = max(sigma_t, ppo.sigma_floor) > 0 at every step (the KL drift needs it)
     device = resolve_device(cfg.device)
     base = load_model(base_path, cfg.model).to(device).eval()
     ft = load_model(finetuned_path, cfg.model).to(device).eval()
@@ -128,7 +133,6 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     sc = cfg.sampling
     plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
                           sc.spacing, sc.set_alpha_to_one).to(device)
-    check_sigma_floor(plan, cfg.ppo.sigma_floor)  # the KL drift needs s_t = max(sigma_t, sigma_floor) > 0
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
     xs_b, xs_f, rs_b, rs_f, kls = [], [], [], [], []
@@ -150,29 +154,48 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     x_b, x_f = torch.cat(xs_b), torch.cat(xs_f)
     r_b, r_f = torch.cat(rs_b).numpy(), torch.cat(rs_f).numpy()
     kl_steps = torch.cat(kls, dim=1).mean(dim=1)
+    ok_b, ok_f = np.isfinite(r_b), np.isfinite(r_f)
+    pairs = ok_b & ok_f
     result = {
         "num_samples": int(len(r_b)),
-        "base_reward_mean": float(r_b.mean()), "base_reward_std": float(r_b.std()),
-        "finetuned_reward_mean": float(r_f.mean()), "finetuned_reward_std": float(r_f.std()),
-        "reward_gain": float(r_f.mean() - r_b.mean()),
-        "win_rate": float((r_f > r_b).mean()),
-        "kl_drift_total": float(kl_steps.sum()),
-        "kl_drift_per_step": [float(v) for v in kl_steps],
+        "base_nonfinite_rewards": int((~ok_b).sum()), "finetuned_nonfinite_rewards": int((~ok_f).sum()),
+        "base_reward_mean": _mean(r_b[ok_b]), "base_reward_std": _std(r_b[ok_b]),
+        "finetuned_reward_mean": _mean(r_f[ok_f]), "finetuned_reward_std": _std(r_f[ok_f]),
+        "reward_gain": _finite(_mean(r_f[ok_f]) - _mean(r_b[ok_b])) if ok_b.any() and ok_f.any() else None,
+        "win_rate": _mean((r_f[pairs] > r_b[pairs]).astype(np.float64)), "win_rate_pairs": int(pairs.sum()),
+        "kl_drift_total": _finite(float(kl_steps.sum())),
+        "kl_drift_per_step": [_finite(float(v)) for v in kl_steps],
         "timesteps": [int(t) for t in plan.timesteps.cpu()],
-        "base_diversity": mean_pairwise_distance(x_b), "finetuned_diversity": mean_pairwise_distance(x_f),
-        "base_rewards": [float(v) for v in r_b], "finetuned_rewards": [float(v) for v in r_f],
+        "base_diversity": _finite(mean_pairwise_distance(x_b)), "finetuned_diversity": _finite(mean_pairwise_distance(x_f)),
+        "base_rewards": [_finite(float(v)) for v in r_b], "finetuned_rewards": [_finite(float(v)) for v in r_f],
         "base_path": str(base_path), "finetuned_path": str(finetuned_path), "seed": cfg.eval.seed,
     }
     _write_artefacts(cfg, result, x_b, x_f, step)
     return result
 
 
+def _finite(v: float) -> float | None:
+    """``v``, or None (JSON null) when it is NaN / inf."""
+    return v if math.isfinite(v) else None
+
+
+def _mean(r: np.ndarray) -> float | None:
+    return _finite(float(r.mean())) if r.size else None
+
+
+def _std(r: np.ndarray) -> float | None:
+    return _finite(float(r.std())) if r.size else None
+
+
 def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Tensor, step: int | None) -> None:
     out = Path(cfg.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     grid = side_by_side(x_b[:GRID], x_f[:GRID], out / "side_by_side.png")
-    hist = reward_histogram(np.array(result["base_rewards"]), np.array(result["finetuned_rewards"]), out / "reward_hist.png")
-    atomic_write_text(json.dumps(result, indent=2), out / "eval.json")
+    finite = {k: np.array([v for v in result[k] if v is not None]) for k in ("base_rewards", "finetuned_rewards")}
+    hist = None
+    if all(len(v) for v in finite.values()):
+        hist = reward_histogram(finite["base_rewards"], finite["finetuned_rewards"], out / "reward_hist.png")
+    atomic_write_text(json.dumps(result, indent=2, allow_nan=False), out / "eval.json")
     if not cfg.logging.tensorboard:
         return
     from torch.utils.tensorboard import SummaryWriter
@@ -183,46 +206,62 @@ def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Te
             if isinstance(v, float):
                 w.add_scalar(f"eval/{k}", v, step)
         for i, v in enumerate(result["kl_drift_per_step"]):
-            w.add_scalar("eval/kl_drift_by_step", v, i)
-        w.add_histogram("eval/base_rewards", np.array(result["base_rewards"]), step)
-        w.add_histogram("eval/finetuned_rewards", np.array(result["finetuned_rewards"]), step)
+            if v is not None:
+                w.add_scalar("eval/kl_drift_by_step", v, i)
+        for k, v in finite.items():
+            if len(v):
+                w.add_histogram(f"eval/{k}", v, step)
         for tag, path in (("eval/side_by_side", grid), ("eval/reward_hist", hist)):
-            w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            if path is not None:
+                w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
 
 
 def format_summary(r: dict) -> str:
-    """Human-readable lines: both mean rewards, win rate, KL drift, diversity."""
-    return "\n".join([
+    """Human-readable lines: both mean rewards, win rate, KL drift, diversity; NaN / inf rewards counted."""
+    lines = [
         f"[eval] {r['num_samples']} samples, same noise for both models",
-        f"[eval] base       mean reward {r['base_reward_mean']:+.4f} (std {r['base_reward_std']:.4f}), diversity {r['base_diversity']:.3f}",
-        f"[eval] fine-tuned mean reward {r['finetuned_reward_mean']:+.4f} (std {r['finetuned_reward_std']:.4f}), diversity {r['finetuned_diversity']:.3f}",
-        f"[eval] reward gain {r['reward_gain']:+.4f}, win rate {r['win_rate']:.3f}, KL drift from base {r['kl_drift_total']:.4g} nats",
-    ])
+        f"[eval] base       mean reward {_num(r['base_reward_mean'], '+.4f')} (std {_num(r['base_reward_std'], '.4f')}), "
+        f"diversity {_num(r['base_diversity'], '.3f')}",
+        f"[eval] fine-tuned mean reward {_num(r['finetuned_reward_mean'], '+.4f')} (std {_num(r['finetuned_reward_std'], '.4f')}), "
+        f"diversity {_num(r['finetuned_diversity'], '.3f')}",
+        f"[eval] reward gain {_num(r['reward_gain'], '+.4f')}, win rate {_num(r['win_rate'], '.3f')}, "
+        f"KL drift from base {_num(r['kl_drift_total'], '.4g')} nats",
+    ]
+    for name in ("base", "finetuned"):
+        n = r[f"{name}_nonfinite_rewards"]
+        if n:
+            lines.append(f"[eval] warning: {n} of {r['num_samples']} {name} rewards are NaN/inf: excluded from its "
+                         f"mean, std and the win rate ({r['win_rate_pairs']} pairs left)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .pipeline import PipelineError, prepare
-    from .reward import RewardError
+    from .pipeline import prepare
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.eval", description=__doc__.split("\n")[0]))
     parser.add_argument("--base", default=None, help="base model (default: model.pretrained or the run's pretrained model)")
     parser.add_argument("--finetuned", default=None, help="fine-tuned model (default: {output_dir}/finetuned.pth)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = config_from_args(args)
         if args.base is not None:
             cfg.model.pretrained = args.base
-        cfg = prepare(cfg, run=False, stages=("pretrain", "reward"))
-        finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
-        if not Path(finetuned).exists():
-            raise CheckpointError(f"fine-tuned model {finetuned} does not exist; run `python -m ppo_ddpm.finetune` or pass --finetuned")
-        result = evaluate(cfg, cfg.model.pretrained, finetuned)
-    except (ConfigError, CheckpointError, PipelineError, RewardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(result))
-    print(f"[eval] wrote {Path(cfg.output_dir) / 'eval'}/eval.json, side_by_side.png, reward_hist.png")
-    return 0
+        with RunLock(cfg.output_dir):
+            cfg = prepare(cfg, run=False, stages=("pretrain", "reward"))
+            finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
+            if not Path(finetuned).exists():
+                raise CheckpointError(f"fine-tuned model {finetuned} does not exist; run `python -m ppo_ddpm.finetune` or pass --finetuned")
+            result = evaluate(cfg, cfg.model.pretrained, finetuned)
+        print(format_summary(result))
+        print(f"[eval] wrote {Path(cfg.output_dir) / 'eval'}/eval.json, side_by_side.png, reward_hist.png")
+
+    return run_cli("ppo_ddpm.eval", argv, body)
 
 
 if __name__ == "__main__":

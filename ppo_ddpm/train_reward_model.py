@@ -11,7 +11,8 @@ Data (ImageFolder layout, classes 0 = fake, 1 = real):
 Per class, a fraction ``reward.held_out_fraction`` is held out (fixed permutation of ``seed``).
 Training: ``reward.train_steps`` Adam steps on class-balanced batches of ``reward.batch_size``
 with random horizontal flips, cross-entropy loss. The held-out accuracy is printed and stored
-with the model in ``{output_dir}/reward_model.safetensors``.
+with the model in ``{output_dir}/reward_model.safetensors``; an existing one is replaced only with
+``--overwrite``.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import Config, ConfigError, add_config_args, config_from_args
-from .data import DataError, load_images, make_procedural_dataset, save_images
-from .reward import CLASS_NAMES, RewardCNN, RewardError, freeze, save_reward_model
+from .config import Config, ConfigError, add_config_args, config_from_args, validate_config
+from .data import DataError, load_images, resolve_data_root, save_images
+from .reward import CLASS_NAMES, RewardCNN, freeze, save_reward_model
 from .utils import resolve_device, set_seed
-from .utils.checkpoint import CheckpointError
+from .utils.checkpoint import atomic_write_text, refuse_overwrite
+from .utils.cli import run_cli
+from .utils.lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def split_held_out(labels: torch.Tensor, fraction: float, seed: int) -> tuple[to
         idx = (labels == c).nonzero().squeeze(1)
         idx = idx[torch.randperm(len(idx), generator=g)]
         if len(idx) < 2:
-            raise ValueError(f"class {c} has {len(idx)} image(s); at least 2 are needed to hold one out")
+            raise DataError(f"class {c} has {len(idx)} image(s); at least 2 are needed to hold one out")
         k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         held.append(idx[:k])
         train.append(idx[k:])
@@ -133,51 +136,60 @@ def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
             labels = torch.randint(cfg.model.num_classes, (b,), generator=g, device=device)
         x0 = ddim_sample(model, plan, x_T, labels, clip_x0=s.clip_x0, generator=g)
         save_images(x0, folder, "fake", start=start)
-    (folder.parent / FAKE_MANIFEST).write_text(json.dumps({"pretrained": cfg.model.pretrained, "count": n, "seed": cfg.seed}))
+    atomic_write_text(json.dumps({"pretrained": cfg.model.pretrained, "count": n, "seed": cfg.seed}), folder.parent / FAKE_MANIFEST)
     return folder
 
 
-def train_reward_model(cfg: Config) -> tuple[Path, float]:
+def _at_least_two(images: torch.Tensor, folder: Path, what: str) -> torch.Tensor:
+    if len(images) < 2:
+        raise DataError(f"{folder}: {len(images)} {what} image(s); at least 2 are needed (one is held out to "
+                        "measure the accuracy)")
+    return images
+
+
+def train_reward_model(cfg: Config, overwrite: bool = False) -> tuple[Path, float]:
     """Train and save the real-vs-fake reward CNN -> (``{output_dir}/reward_model.safetensors``, held-out accuracy)."""
+    validate_config(cfg)
     r = cfg.reward
-    if not 0.0 < r.held_out_fraction < 1.0:
-        raise ConfigError(f"reward.held_out_fraction must be in (0, 1), got {r.held_out_fraction}")
-    if cfg.data.image_size != cfg.model.sample_size:
-        raise ConfigError(
-            f"data.image_size={cfg.data.image_size} differs from model.sample_size={cfg.model.sample_size}; "
-            "the reward scores the model's samples, so they must match"
-        )
+    out = Path(cfg.output_dir) / "reward_model.safetensors"
+    if not overwrite:
+        refuse_overwrite([out], flags="--overwrite to replace it")
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     size = cfg.data.image_size
-    root = Path(cfg.data.root) if cfg.data.root else make_procedural_dataset(
-        Path(cfg.output_dir) / "data", cfg.data.procedural_count, size, cfg.seed)
-    real = load_images(root / "real", size)
+    root = resolve_data_root(cfg)
+    real = _at_least_two(load_images(root / "real", size), root / "real", "real")
     fake_dir, sample = _fake_folder(cfg)
     if sample:
         sample_fakes(cfg, fake_dir, device)
-    fake = load_images(fake_dir, size)
+    fake = _at_least_two(load_images(fake_dir, size), fake_dir, "fake")
     images = torch.cat([fake, real])
     labels = torch.cat([torch.full((len(fake),), CLASS_NAMES.index("fake")),
                         torch.full((len(real),), CLASS_NAMES.index("real"))])
     model, acc = fit_reward_cnn(images, labels, hidden_channels=r.hidden_channels, steps=r.train_steps,
                                 batch_size=r.batch_size, lr=r.lr, held_out_fraction=r.held_out_fraction,
                                 seed=cfg.seed, device=device)
-    path = save_reward_model(model, Path(cfg.output_dir) / "reward_model.safetensors", held_out_accuracy=acc,
+    path = save_reward_model(model, out, held_out_accuracy=acc,
                              num_real=len(real), num_fake=len(fake), real_dir=str(root / "real"), fake_dir=str(fake_dir))
     print(f"reward model: held-out accuracy {acc:.3f} ({len(real)} real, {len(fake)} fake images) -> {path}", flush=True)
     return path, acc
 
 
-def main(argv: list[str] | None = None) -> tuple[Path, float]:
-    parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.train_reward_model",
+                                                     description=__doc__.splitlines()[0]))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing reward_model.safetensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return train_reward_model(config_from_args(args))
-    except (ConfigError, DataError, RewardError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+
+    def body() -> None:
+        cfg = config_from_args(args)
+        with RunLock(cfg.output_dir):
+            train_reward_model(cfg, overwrite=args.overwrite)
+
+    return run_cli("ppo_ddpm.train_reward_model", argv, body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -245,14 +245,13 @@ def test_train_reward_model_cli_on_folders(tmp_path, capsys):
     save_images(fake, tmp_path / "data" / "fake", "f")
     (tmp_path / "data" / "real" / "notes.txt").write_text("skipped")
     out = tmp_path / "run"
-    path, acc = main(["--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={out}", "--set", "device=cpu",
-                      "--set", "data.image_size=8", "--set", "model.sample_size=8", "--set", "reward.train_steps=40",
-                      "--set", "reward.hidden_channels=8", "--set", "reward.batch_size=32"])
-    assert path == out / "reward_model.safetensors" and path.is_file()
-    assert acc >= 0.85
+    assert main(["--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={out}", "--set", "device=cpu",
+                 "--set", "data.image_size=8", "--set", "model.sample_size=8", "--set", "reward.train_steps=40",
+                 "--set", "reward.hidden_channels=8", "--set", "reward.batch_size=32"]) == 0
+    path = out / "reward_model.safetensors"
     assert "held-out accuracy" in capsys.readouterr().out
     _, meta = load_reward_model(path)
-    assert meta["info"]["held_out_accuracy"] == acc and meta["info"]["num_real"] == 40
+    assert meta["info"]["held_out_accuracy"] >= 0.85 and meta["info"]["num_real"] == 40
     r = build_reward(RewardConfig(kind="model", model_path=str(path)))(torch.cat([real[:8], fake[:8]]))
     assert r[:8].mean() > r[8:].mean()
 

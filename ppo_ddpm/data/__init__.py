@@ -10,7 +10,7 @@ from .images import (
     save_images,
     to_uint8,
 )
-from .procedural import make_procedural_dataset, procedural_images
+from .procedural import make_procedural_dataset, procedural_images, resolve_data_root
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -21,6 +21,7 @@ __all__ = [
     "make_grid",
     "make_procedural_dataset",
     "procedural_images",
+    "resolve_data_root",
     "save_grid",
     "save_images",
     "to_uint8",

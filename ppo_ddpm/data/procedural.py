@@ -80,3 +80,11 @@ def make_procedural_dataset(out_dir: str | Path, count: int, image_size: int, se
     save_images(procedural_images(count, image_size, seed), real, _PREFIX)
     manifest.write_text(json.dumps(want))
     return out_dir
+
+
+def resolve_data_root(cfg) -> Path:
+    """The image folder of a run: ``cfg.data.root``, or (root empty) the procedural dataset made once
+    under ``{output_dir}/data`` (``data.procedural_count`` images of ``data.image_size``, seed ``seed``)."""
+    if cfg.data.root:
+        return Path(cfg.data.root)
+    return make_procedural_dataset(Path(cfg.output_dir) / "data", cfg.data.procedural_count, cfg.data.image_size, cfg.seed)

@@ -1,4 +1,5 @@
-"""Small torch.distributed helpers: every function is a no-op on a single process.
+"""Small torch.distributed helpers: every function is a no-op on a single process (``init_distributed``
+sets the process group up under torchrun).
 
 The trainer keeps the policy a plain ``nn.Module`` (no DDP wrapper): gradients accumulate
 locally over steps and micro-batches, and :func:`all_reduce_grads` averages them once per
@@ -6,6 +7,7 @@ optimizer step (the explicit equivalent of DDP's ``no_sync`` on the inner steps)
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -50,3 +52,42 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
         n = p.grad.numel()
         p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
         offset += n
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); under torchrun (WORLD_SIZE > 1) initializes the process group:
+    nccl on CUDA (device ``cuda:LOCAL_RANK``), gloo on CPU."""
+    from ..utils import resolve_device
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size <= 1:
+        return 0, 1, device
+    rank_, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank_, world_size, device
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any rank (one all_reduce; the flag itself on one process)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def destroy() -> None:
+    """Destroy the process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

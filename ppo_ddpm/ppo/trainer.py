@@ -45,6 +45,7 @@ from ..ddpm.ddim import make_ddim_plan
 from ..ddpm.schedules import NoiseSchedule
 from ..reward import check_reward
 from ..rollout_cache import GroupStatTracker, RolloutCache
+from ..utils.ema import ema_update_
 from . import distributed as D
 from .graphs import GraphedCall
 from .objective import gaussian_kl, ppo_clip_loss, trajectory_step_loss
@@ -292,10 +293,7 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._version += 1
         if self.ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(list(self.ema.parameters()), list(self.policy.parameters()), 1 - self.pcfg.ema_decay)
-                for b_ema, b in zip(self.ema.buffers(), self.policy.buffers()):
-                    b_ema.copy_(b)
+            ema_update_(self.ema, self.policy, self.pcfg.ema_decay)
         return norm, True
 
     def update(self, cache) -> dict[str, float]:

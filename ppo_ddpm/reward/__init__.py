@@ -54,8 +54,7 @@ def build_reward(reward_cfg, device: str | torch.device = "cpu") -> RewardFn:
     if kind == "jpeg_incompressibility":
         return RewardFn(jpeg_incompressibility, kind)
     if kind == "plugin":
-        fn, takes_labels = load_plugin(reward_cfg.function)
-        return RewardFn(fn, f"plugin {reward_cfg.function}", pass_labels=takes_labels)
+        return RewardFn(load_plugin(reward_cfg.function), f"plugin {reward_cfg.function}")
     if kind == "model":
         model, meta = _load_frozen(reward_cfg, device)
         names = meta["class_names"]

@@ -50,12 +50,11 @@ class RewardFn:
     """``r = fn(x0, class_labels)`` under ``torch.no_grad``, checked to be [B] float32 on x0's device.
 
     x0: [B, 3, S, S] in [-1, 1]. ``device``: where ``fn`` runs (its model's device); None: x0's.
-    ``pass_labels``: call ``fn(x0, class_labels)`` (True) or ``fn(x0)``.
     """
 
     def __init__(self, fn: Callable, name: str, device: Optional[torch.device] = None,
-                 model: Optional[nn.Module] = None, pass_labels: bool = True):
-        self.fn, self.name, self.device, self.model, self.pass_labels = fn, name, device, model, pass_labels
+                 model: Optional[nn.Module] = None):
+        self.fn, self.name, self.device, self.model = fn, name, device, model
 
     def __call__(self, x0: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(x0, torch.Tensor) or x0.dim() != 4 or x0.shape[1] != 3:
@@ -66,7 +65,7 @@ class RewardFn:
             x0 = x0.to(self.device)
             class_labels = None if class_labels is None else class_labels.to(self.device)
         with torch.no_grad():
-            r = self.fn(x0, class_labels) if self.pass_labels else self.fn(x0)
+            r = self.fn(x0, class_labels)
         r, _ = check_reward(r, x0.shape[0], self.name)
         return r.to(out_device)
 

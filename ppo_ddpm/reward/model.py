@@ -57,6 +57,19 @@ def save_reward_model(model: RewardCNN, path: str | Path, class_names=CLASS_NAME
     return save_safetensors(model.state_dict(), path, metadata)
 
 
+def read_reward_model_config(path: str | Path) -> dict | None:
+    """The stored RewardCNN config (in_channels, hidden_channels, num_classes, image_size) of a
+    reward model file, read from its metadata only; None when the file is not a readable reward model."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["config"]) if meta.get("format") == FORMAT else None
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardCNN, dict]:
     """Read a file of :func:`save_reward_model` -> (model on ``device``, metadata with parsed JSON values).
 

@@ -19,10 +19,13 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    """``auto`` picks CUDA when available, else CPU; ``cpu``, ``cuda``, ``cuda:N`` must exist here
+    (else ConfigError naming the key ``device``)."""
+    from ..config import ConfigError, device_problem
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"config key 'device' is {name!r} but CUDA is not available")
-    return device
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"device = {name!r}: {problem}")
+    return torch.device(name)

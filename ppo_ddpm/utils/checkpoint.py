@@ -1,17 +1,23 @@
 """Crash-safe checkpoint files that only ever load weights.
 
-Writes go to a temp file in the target's directory, are flushed and fsynced, then ``os.replace``d
-over the target, so a reader sees the old file or the new one, never half of one.
+Writes go to a temp file ``.{name}.{random}.tmp`` in the target's directory (created with mode
+0o666 minus the umask, as ``open`` would), are flushed and fsynced, then ``os.replace``d over the
+target, so a reader sees the old file or the new one, never half of one. A full disk raises
+:class:`DiskFullError` and leaves the old file in place; temp files of a killed writer are removed
+by :func:`remove_stale_temp_files`.
 Reads use ``torch.load(weights_only=True)`` or safetensors: tensors, dicts, lists, tuples and
 primitives only, never arbitrary pickled objects.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import pickle
-import tempfile
+import secrets
+import shutil
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -42,28 +48,84 @@ def _check_weights_only(obj: Any, where: str = "obj") -> None:
     raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, dicts, lists, tuples and primitives")
 
 
+class DiskFullError(CheckpointError):
+    """No space left on the device while writing a file; the previous version of the file is intact."""
+
+
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """(fd, path) of a new temp file next to ``path``; mode 0o666 & ~umask (mkstemp would force 0o600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Call ``write(f)`` on a temp file next to ``path``; fsync it and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temp_file(path)
+    except OSError as e:
+        _raise_if_disk_full(e, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
     return path
 
 
+def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(
+            f"no space left on the device writing {path} ({e.strerror}); nothing was replaced: the previous "
+            f"{path.name}, if any, is intact. Free some space and run again (with --resume to continue a run)"
+        ) from None
+
+
+def remove_stale_temp_files(folder: str | Path, name: str) -> list[Path]:
+    """Delete the ``.{name}.*.tmp`` files an interrupted :func:`_atomic_write` left in ``folder``
+    (call it only while holding the folder's run lock: then no other writer is active)."""
+    stale = sorted(Path(folder).glob(f".{name}.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+        print(f"[checkpoint] removed {p}, a partial file left by an interrupted write", file=sys.stderr, flush=True)
+    return stale
+
+
+def refuse_overwrite(paths, flags: str = "--resume to continue, or --overwrite to start over") -> None:
+    """CheckpointError naming every path of ``paths`` that exists (a run must not silently overwrite them)."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing:
+        raise CheckpointError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: pass {flags}, "
+                              "or choose another output_dir")
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically; ``obj`` must be loadable with weights_only=True."""
+    """``torch.save(obj)`` to ``path`` atomically; ``obj`` must be loadable with weights_only=True.
+
+    The object is serialized in memory first, so a failed write is a plain OSError (torch.save into a
+    file turns it into an opaque RuntimeError).
+    """
     _check_weights_only(obj)
-    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return _atomic_write(Path(path), lambda f: f.write(buf.getbuffer()))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy the file ``src`` to ``dst`` atomically (a real copy: never a hard link to ``src``)."""
+    with open(src, "rb") as s:
+        return _atomic_write(Path(dst), lambda f: shutil.copyfileobj(s, f, 1 << 20))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:

@@ -1,0 +1,32 @@
+"""The divergence guard: a run whose parameters or loss stop being finite stops with a named error."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class DivergenceError(RuntimeError):
+    """The parameters or the loss of a run became NaN / inf; the message says where and what was kept."""
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model`` holding a NaN or inf (one host sync when all are finite)."""
+    named = list(model.named_parameters())
+    if not named or bool(torch.stack([p.detach().isfinite().all() for _, p in named]).all()):
+        return []
+    return [n for n, p in named if not bool(p.detach().isfinite().all())]
+
+
+def divergence(model: nn.Module, loss: Optional[float]) -> Optional[str]:
+    """A description of what is not finite (parameters of ``model``, ``loss``), or None when all is finite."""
+    bad = nonfinite_parameters(model)
+    parts = []
+    if bad:
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        parts.append(f"non-finite parameters {', '.join(bad[:5])}{more}")
+    if loss is not None and not math.isfinite(loss):
+        parts.append(f"loss {loss}")
+    return "; ".join(parts) or None
