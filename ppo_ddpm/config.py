@@ -71,8 +71,11 @@ class Rule:
     check: Optional[Callable[[Any], Optional[str]]] = None
 
     def _bounds(self) -> str:
-        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
-        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        def num(v: float) -> str:  # 9223372036854775808 -> 2^63
+            return f"2^{int(v).bit_length() - 1}" if isinstance(v, int) and v >= 2**32 and v & (v - 1) == 0 else str(v)
+
+        lo = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else None
+        hi = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else None
         if lo and hi:
             return f"must be in {lo}, {hi}"
         return f"must be {'>=' if self.ge is not None else '>'} {lo[1:]}" if lo else f"must be {'<=' if self.le is not None else '<'} {hi[:-1]}"

@@ -125,10 +125,9 @@ def _resume_state(resume: str, cfg: Config, world: int) -> tuple[dict | None, Pa
 
 
 def _earlier_run(cfg: Config) -> list[Path]:
-    """Files of an earlier run in output_dir that a fresh run would overwrite."""
+    """Files of an earlier PPO run in output_dir that a fresh run would overwrite (the pipeline checks its own)."""
     out = Path(cfg.output_dir)
-    return [out / "checkpoints" / "last.pt", pretrain_checkpoint_dir(cfg) / "last.pt", out / "metrics.jsonl",
-            out / "finetuned.pth"]
+    return [out / "checkpoints" / "last.pt", out / "metrics.jsonl", out / "finetuned.pth"]
 
 
 def _load_trainer_state(trainer, state: dict, path: Path) -> None:
@@ -191,9 +190,9 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
         dist_utils.barrier()
         return ckpt_dir / "last.pt"
 
-    def last_good() -> str:
-        last = ckpt_dir / "last.pt"
-        return f"{last} ({safe_load(last)['iteration']} iterations)" if last.is_file() else "none yet"
+    def kept() -> str:
+        files = [ckpt_dir / name for name in ("last.pt", "prev.pt") if (ckpt_dir / name).is_file()]
+        return ", ".join(f"{f} ({safe_load(f)['iteration']} iterations)" for f in files) or "none yet"
 
     logger = RunLogger(run_cfg, start, main)
     grid_noise = torch.randn((GRID_SAMPLES, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size),
@@ -206,12 +205,12 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
             bar = tqdm(range(start, total), initial=start, total=total, desc="ppo", disable=not main, dynamic_ncols=True)
             for it in bar:
                 stats = trainer.step(it)
-                bad = divergence(trainer.policy, stats.get("loss"))
+                bad = divergence(trainer.policy, stats.get("loss"), stats.get("nonfinite_samples", 0))
                 if dist_utils.any_rank(bad is not None, device):
                     raise DivergenceError(
                         f"iteration {it}: the policy diverged ({bad or 'on another rank'}); no checkpoint was written "
-                        f"for it, the last good one is {last_good()}. Lower ppo.lr (now {cfg.ppo.lr}) or "
-                        f"ppo.grad_clip (now {cfg.ppo.grad_clip}) and resume from it")
+                        f"for it. Checkpoints kept: {kept()}. Lower ppo.lr (now {cfg.ppo.lr}) or ppo.grad_clip "
+                        f"(now {cfg.ppo.grad_clip}) and resume from one of them")
                 logger.log(it, stats)
                 bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl_k3', float('nan')):.2e}")
                 if cfg.logging.sample_every > 0 and (it + 1) % cfg.logging.sample_every == 0:
@@ -223,7 +222,7 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
                     raise RunStopped(f"stopped after iteration {it + 1}/{total}; checkpoint {path}", path)
             bar.close()
     except Interrupted:
-        raise RunStopped(f"iteration abandoned; the last checkpoint, {last_good()}, is intact") from None
+        raise RunStopped(f"iteration abandoned; the checkpoints are intact: {kept()}") from None
     finally:
         logger.close()
     if start >= total and main:

@@ -120,7 +120,7 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path
         start = min(int(state["step"]), pc.steps)
         losses[:start] = state["losses"][:start].to(device)
         print(f"[pretrain] resumed from {path} at step {start}", file=sys.stderr, flush=True)
-    log.info("pretraining on %d images %s, steps %d..%d of %d, device %s", len(images), tuple(images.shape[1:]),
+    log.info("pretraining on %d images %s: steps %d..%d, batches of %d, device %s", len(images), tuple(images.shape[1:]),
              start, pc.steps, pc.batch_size, device)
 
     def checkpoint(done: int) -> Path:

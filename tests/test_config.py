@@ -116,3 +116,17 @@ def test_argparse_cfg_and_set(tmp_path):
     cfg = config_from_args(args)
     assert cfg.seed == 4 and cfg.ppo.lr == 0.5
     assert config_from_args(parser.parse_args([])) == Config()
+
+
+@pytest.mark.parametrize("text, value", [("3e-5", 3e-5), ("1e-4", 1e-4), ("1E+3", 1e3), ("-2e-2", -2e-2),
+                                         ("1.0e5", 1e5), ("2.5e-3", 2.5e-3), ("7", 7.0)])
+def test_floats_without_a_dot_read_as_floats(tmp_path, text, value):
+    """README's own example: --set ppo.lr=3e-5 (YAML 1.1 would read '3e-5' as a string)."""
+    for cfg in (load_config(None, [f"ppo.lr={text}"]), load_config(_write(tmp_path, f"ppo:\n  lr: {text}\n"))):
+        assert isinstance(cfg.ppo.lr, float) and cfg.ppo.lr == value
+
+
+@pytest.mark.parametrize("text", ["1e", "e5", "1e5x", "1.2.3"])
+def test_near_floats_stay_strings(text):
+    with pytest.raises(ConfigError, match=f"'ppo.lr' expects a float, got '{text}'"):
+        load_config(None, [f"ppo.lr={text}"])

@@ -173,7 +173,8 @@ class PPOTrainer:
         cache.set_rewards(torch.where(finite, r, torch.zeros_like(r)), group_ids)
         r_all, g_all = D.all_gather_cat(r), D.all_gather_cat(group_ids)
         nonfinite = int(D.all_gather_cat((~finite).to(torch.int32)).sum())
-        info = {"skipped": float(nonfinite > 0), "nonfinite_rewards": float(nonfinite)}
+        info = {"skipped": float(nonfinite > 0), "nonfinite_rewards": float(nonfinite),
+                "nonfinite_samples": float((~x0.flatten(1).isfinite().all(1)).sum())}  # > 0: a diverged policy
         self._valid[id(cache)] = nonfinite == 0
         if nonfinite:
             self.skipped_batches += 1

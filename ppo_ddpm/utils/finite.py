@@ -20,8 +20,8 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
     return [n for n, p in named if not bool(p.detach().isfinite().all())]
 
 
-def divergence(model: nn.Module, loss: Optional[float]) -> Optional[str]:
-    """A description of what is not finite (parameters of ``model``, ``loss``), or None when all is finite."""
+def divergence(model: nn.Module, loss: Optional[float] = None, nonfinite_samples: float = 0) -> Optional[str]:
+    """What is not finite: parameters of ``model``, the ``loss``, the model's samples (a count); None when all is."""
     bad = nonfinite_parameters(model)
     parts = []
     if bad:
@@ -29,4 +29,6 @@ def divergence(model: nn.Module, loss: Optional[float]) -> Optional[str]:
         parts.append(f"non-finite parameters {', '.join(bad[:5])}{more}")
     if loss is not None and not math.isfinite(loss):
         parts.append(f"loss {loss}")
+    if nonfinite_samples:
+        parts.append(f"{int(nonfinite_samples)} samples with NaN/inf pixels")
     return "; ".join(parts) or None
