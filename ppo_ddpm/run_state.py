@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, config_from_dict, config_to_dict
-from .utils.checkpoint import CheckpointError, atomic_copy, atomic_save, atomic_write_text, remove_stale_temp_files, safe_load
+from .utils.checkpoint import (
+    CheckpointError, atomic_copy, atomic_save, atomic_write_text, remove_stale_temp_files, safe_load, zip_intact,
+)
 
 RUN_FORMAT = "ppo_ddpm.run/1"
 PRETRAIN_FORMAT = "ppo_ddpm.pretrain/1"
@@ -69,7 +71,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_last(ckpt_dir: str | Path, state: dict) -> Path:
-    """Atomically write ``ckpt_dir/last.pt``; the previous last.pt becomes prev.pt first (an atomic copy).
+    """Atomically write ``ckpt_dir/last.pt``; the previous last.pt becomes prev.pt first (an atomic copy),
+    unless it is corrupt (then prev.pt, the checkpoint a resume fell back to, is kept).
 
     last.pt exists at every instant once written; a kill leaves the old pair or the new one.
     Temp files of an earlier killed write are removed first (the caller holds the run lock).
@@ -79,7 +82,10 @@ def save_last(ckpt_dir: str | Path, state: dict) -> Path:
     for name in (LAST, PREV):
         remove_stale_temp_files(ckpt_dir, name)
     if last.is_file():
-        atomic_copy(last, ckpt_dir / PREV)
+        if zip_intact(last):
+            atomic_copy(last, ckpt_dir / PREV)
+        else:
+            print(f"[checkpoint] {last} is corrupt: replacing it, {ckpt_dir / PREV} stays", file=sys.stderr, flush=True)
     return atomic_save(state, last)
 
 

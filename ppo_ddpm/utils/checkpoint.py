@@ -149,6 +149,15 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
         ) from None
 
 
+def zip_intact(path: str | Path) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` zip archive (every member's CRC checks out)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write a safetensors file atomically (tensors made contiguous and moved to CPU)."""
     from safetensors.torch import save
