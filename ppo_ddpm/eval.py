@@ -209,8 +209,8 @@ def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Te
             if v is not None:
                 w.add_scalar("eval/kl_drift_by_step", v, i)
         for k, v in finite.items():
-            if len(v):
-                w.add_histogram(f"eval/{k}", v, step)
+            if len(v):  # linear bins: TensorBoard's default buckets end at 1e20 and drop larger rewards
+                w.add_histogram(f"eval/{k}", v, step, bins=20)
         for tag, path in (("eval/side_by_side", grid), ("eval/reward_hist", hist)):
             if path is not None:
                 w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")

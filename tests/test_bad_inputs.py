@@ -13,6 +13,12 @@ from ppo_ddpm.reward import RewardCNN, save_reward_model
 
 CLIS = ["finetune", "eval", "pretrain", "train_reward_model"]
 
+
+def takes_nothing():
+    """A plug-in reward with a wrong signature."""
+    return 0
+
+
 # (--set overrides, fragments that must all be in the message)
 BAD = [
     (["ppo.batch_size=0"], ["ppo.batch_size = 0", "must be >= 1"]),
@@ -54,6 +60,8 @@ BAD = [
     (["reward.held_out_fraction=1"], ["reward.held_out_fraction = 1.0", "in (0, 1)"]),
     (["reward.kind=classifier"], ["reward.kind = 'classifier'", "needs reward.model_path"]),
     (["reward.kind=plugin", "reward.function=no_such_module_xyz:f"], ["reward.function", "cannot import module"]),
+    (["reward.kind=plugin", "reward.function=test_bad_inputs:takes_nothing"],
+     ["reward.function='test_bad_inputs:takes_nothing'", "cannot be called as f(x0)"]),
     (["reward.kind=classifier", "reward.target_class=-1", "reward.model_path={rm8}"],
      ["reward.target_class = -1", "unconditional"]),
     (["model.sample_size=0", "data.image_size=0"], ["model.sample_size = 0", "data.image_size = 0", ">= 1"]),

@@ -13,18 +13,34 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ppo_ddpm.config import load_config
 from ppo_ddpm.ddpm.ddim import make_ddim_plan
 from ppo_ddpm.ddpm.model import build_model, save_model
 from ppo_ddpm.ddpm.sample import ddim_sample
 from ppo_ddpm.ddpm.schedules import NoiseSchedule
-from ppo_ddpm.eval import evaluate, main, mean_pairwise_distance
+from ppo_ddpm.eval import _upscaled_grid, evaluate, format_summary, main, mean_pairwise_distance
 
 
 def mean_pixel(x0):
     """Plug-in reward: mean pixel value per sample [B]."""
     return x0.float().mean(dim=(1, 2, 3))
+
+
+def some_nonfinite(x0):
+    """mean_pixel with the first two rewards of every batch NaN and inf."""
+    r = mean_pixel(x0)
+    r[0], r[1] = float("nan"), float("inf")
+    return r
+
+
+def all_nan(x0):
+    return torch.full((x0.shape[0],), float("nan"))
+
+
+def huge(x0):
+    return mean_pixel(x0) * 1e37  # finite in float32; squared (std) or summed in float32 it would overflow
 
 
 TINY = [
@@ -35,8 +51,17 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from more threads, and a busy machine makes two much slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("eval")
     cfg = load_config(None, TINY + [f"output_dir={d / 'run'}"])
     torch.manual_seed(0)
@@ -50,8 +75,31 @@ def models(tmp_path_factory):
     return cfg, d, base
 
 
+def samples(cfg, model, plan):
+    """x_0 of ``model`` drawn as evaluate draws them (batch k from a generator seeded eval.seed + k)."""
+    xs = []
+    for k, B in enumerate((4, 2)):
+        gen = torch.Generator().manual_seed(cfg.eval.seed + k)
+        xs.append(ddim_sample(model, plan, torch.randn((B, 3, 8, 8), generator=gen), clip_x0=None, generator=gen))
+    return torch.cat(xs)
+
+
+def _plan(cfg):
+    sc = cfg.sampling
+    return make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
+                          sc.spacing, sc.set_alpha_to_one)
+
+
+def strict_json(path):
+    """json.loads that refuses NaN / Infinity tokens (invalid JSON)."""
+    def refuse(token):
+        raise AssertionError(f"{path} holds {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_identical_models(models):
-    cfg, d, _ = models
+    cfg, d, base = models
     r = evaluate(cfg, str(d / "base.pth"), str(d / "base.pth"))
     assert r["kl_drift_per_step"] == [0.0] * 4 and r["kl_drift_total"] == 0.0
     assert r["win_rate"] == 0.0
@@ -59,9 +107,17 @@ def test_identical_models(models):
     assert r["base_reward_mean"] == r["finetuned_reward_mean"] and r["base_reward_std"] == r["finetuned_reward_std"]
     assert r["base_diversity"] == r["finetuned_diversity"] > 0
     out = d / "run" / "eval"
-    assert json.loads((out / "eval.json").read_text())["num_samples"] == 6
-    for name in ("side_by_side.png", "reward_hist.png"):
-        assert (out / name).stat().st_size > 0
+    assert strict_json(out / "eval.json") == r
+    # side_by_side.png: both panels are the grid of the very same samples
+    grid = np.asarray(_upscaled_grid(samples(cfg, base, _plan(cfg))))
+    im = np.asarray(Image.open(out / "side_by_side.png").convert("RGB"))
+    (h, w, _), (H, W, _) = grid.shape, im.shape
+    pad = (W - 2 * w) // 3
+    top = H - h - pad
+    np.testing.assert_array_equal(im[top:top + h, pad:pad + w], grid)
+    np.testing.assert_array_equal(im[top:top + h, 2 * pad + w:2 * pad + 2 * w], grid)
+    hist = np.asarray(Image.open(out / "reward_hist.png").convert("RGB"))
+    assert hist.ndim == 3 and len(np.unique(hist.reshape(-1, 3), axis=0)) > 2  # a drawing, not a blank
     assert list((d / "run" / "tb").glob("events.out.tfevents.*"))
 
 
@@ -85,13 +141,7 @@ def test_shifted_bias_kl_and_rewards(models):
     shifted.load_state_dict(base.state_dict())
     with torch.no_grad():
         shifted.conv_out.bias += 0.1
-    xs = {"base": [], "ft": []}
-    for k, B in enumerate((4, 2)):
-        for name, model in (("base", base), ("ft", shifted)):
-            gen = torch.Generator().manual_seed(cfg.eval.seed + k)
-            x_T = torch.randn((B, 3, 8, 8), generator=gen)
-            xs[name].append(ddim_sample(model, plan, x_T, clip_x0=None, generator=gen))
-    xb, xf = torch.cat(xs["base"]), torch.cat(xs["ft"])
+    xb, xf = samples(cfg, base, plan), samples(cfg, shifted, plan)
     rb, rf = mean_pixel(xb).double().numpy(), mean_pixel(xf).double().numpy()
     np.testing.assert_allclose(r["base_rewards"], rb, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(r["finetuned_rewards"], rf, rtol=1e-5, atol=1e-6)
@@ -123,3 +173,62 @@ def test_cli_defaults_and_errors(models, capsys):
     no_floor = args + ["--set", "ppo.sigma_floor=0.0", "--base", str(d / "base.pth"), "--finetuned", str(d / "shifted.pth")]
     assert main(no_floor) == 2
     assert "ppo.sigma_floor" in capsys.readouterr().err
+
+
+def _with_reward(cfg, name):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.reward.function = f"{__name__}:{name}"
+    return cfg
+
+
+def test_nonfinite_rewards_are_excluded_and_counted(models):
+    cfg, d, base = models
+    r = evaluate(_with_reward(cfg, "some_nonfinite"), str(d / "base.pth"), str(d / "shifted.pth"))
+    shifted = build_model(cfg.model)
+    shifted.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        shifted.conv_out.bias += 0.1
+    plan = _plan(cfg)
+    rb, rf = mean_pixel(samples(cfg, base, plan)).double().numpy(), mean_pixel(samples(cfg, shifted, plan)).double().numpy()
+    ok = np.array([False, False, True, True, False, False])  # batches of 4 and 2: the first two of each are NaN / inf
+    assert r["base_nonfinite_rewards"] == r["finetuned_nonfinite_rewards"] == 4 and r["win_rate_pairs"] == 2
+    assert r["base_reward_mean"] == pytest.approx(rb[ok].mean(), abs=1e-6)
+    assert r["finetuned_reward_std"] == pytest.approx(rf[ok].std(), abs=1e-6)
+    assert r["win_rate"] == pytest.approx(float(np.mean(rf[ok] > rb[ok])))
+    assert [v is None for v in r["base_rewards"]] == list(~ok)
+    assert strict_json(d / "run" / "eval" / "eval.json")["base_nonfinite_rewards"] == 4
+    assert "warning: 4 of 6 base rewards are NaN/inf" in format_summary(r)
+
+
+def test_all_nan_and_huge_rewards_do_not_crash(models):
+    cfg, d, _ = models
+    out = d / "run" / "eval"
+    (out / "reward_hist.png").unlink(missing_ok=True)
+    r = evaluate(_with_reward(cfg, "all_nan"), str(d / "base.pth"), str(d / "shifted.pth"))
+    assert r["base_reward_mean"] is None and r["win_rate"] is None and r["win_rate_pairs"] == 0
+    assert r["finetuned_nonfinite_rewards"] == 6 and r["reward_gain"] is None
+    assert strict_json(out / "eval.json")["finetuned_reward_std"] is None
+    assert not (out / "reward_hist.png").exists()  # nothing finite to draw
+    summary = format_summary(r)
+    assert "mean reward n/a" in summary and "win rate n/a" in summary and "+nan" not in summary
+    r = evaluate(_with_reward(cfg, "huge"), str(d / "base.pth"), str(d / "shifted.pth"))
+    assert r["base_nonfinite_rewards"] == 0 and math.isfinite(r["base_reward_mean"]) and abs(r["base_reward_mean"]) > 1e35
+    assert (out / "reward_hist.png").is_file()
+
+
+def test_a_nan_model_is_evaluated_not_crashed_on(models, capsys):
+    cfg, d, base = models
+    nan_model = build_model(cfg.model)
+    nan_model.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        nan_model.conv_out.weight.fill_(float("nan"))
+    save_model(nan_model, d / "nan.pth", cfg.model)
+    args = sum((["--set", s] for s in TINY), []) + ["--set", f"output_dir={d / 'run'}"]
+    assert main(args + ["--base", str(d / "base.pth"), "--finetuned", str(d / "nan.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 6 of 6 finetuned rewards are NaN/inf" in out and "win rate n/a" in out
+    r = strict_json(d / "run" / "eval" / "eval.json")
+    assert r["finetuned_nonfinite_rewards"] == 6 and r["kl_drift_total"] is None and r["finetuned_diversity"] is None
+    assert r["base_nonfinite_rewards"] == 0 and r["base_reward_mean"] is not None

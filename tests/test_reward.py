@@ -148,6 +148,16 @@ def plugin_module(tmp_path, monkeypatch):
             @staticmethod
             def score(x0):
                 return torch.ones(len(x0))
+        def edits_in_place(x0, class_labels=None):
+            r = x0.mean(dim=(1, 2, 3)).clone()
+            x0.zero_()
+            return r
+        def raises(x0):
+            raise RuntimeError("boom in my reward")
+        def takes_nothing():
+            return 0
+        def takes_three(x0, class_labels, extra):
+            return x0.mean(dim=(1, 2, 3))
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "my_test_rewards"
@@ -183,6 +193,39 @@ def test_bad_plugin_strings_named(plugin_module, spec, message):
     with pytest.raises(RewardError, match="reward.function=") as e:
         _plugin(spec)
     assert message in str(e.value) and repr(spec) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["takes_nothing", "takes_three"])
+def test_plugin_with_a_wrong_signature_is_named(plugin_module, name):
+    with pytest.raises(RewardError, match=f"reward.function='{plugin_module}:{name}': cannot be called as f\\(x0\\)"):
+        _plugin(f"{plugin_module}:{name}")
+
+
+def test_an_error_inside_a_plugin_names_it(plugin_module):
+    with pytest.raises(RewardError) as e:
+        _plugin(f"{plugin_module}:raises")(torch.zeros(2, 3, 4, 4))
+    msg = str(e.value)
+    assert msg.startswith(f"reward.function='{plugin_module}:raises' raised RuntimeError: boom in my reward")
+    assert "my_test_rewards.py:" in msg  # where it was raised
+
+
+def test_plugin_gets_a_copy_of_x0_and_cannot_corrupt_the_rollout(plugin_module):
+    from ppo_ddpm.ppo import PPOTrainer
+    from test_trainer_grad import TinyEps, tiny_config
+
+    x = torch.rand(2, 3, 4, 4)
+    kept = x.clone()
+    fn = _plugin(f"{plugin_module}:edits_in_place")
+    torch.testing.assert_close(fn(x), kept.mean(dim=(1, 2, 3)))
+    assert torch.equal(x, kept)
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.model.in_channels = 3
+    trainer = PPOTrainer(cfg, TinyEps(channels=3), fn, "cpu")
+    cache, info = trainer.rollout(seed=0)
+    x0 = cache.state(trainer.n)
+    assert x0.abs().sum() > 0  # not zeroed by the plug-in
+    torch.testing.assert_close(cache.rewards, x0.float().mean(dim=(1, 2, 3)))
 
 
 def test_plugin_wrong_shape_named(plugin_module):
@@ -257,7 +300,12 @@ def test_train_reward_model_cli_on_folders(tmp_path, capsys):
 
 
 def test_fakes_sampled_from_base_ddpm(tmp_path):
-    from ppo_ddpm.ddpm.model import build_model, save_model
+    """The fakes are DDIM samples of the base model: regenerated here from the same seed, pixel for pixel."""
+    from ppo_ddpm.data import to_uint8
+    from ppo_ddpm.ddpm.ddim import make_ddim_plan
+    from ppo_ddpm.ddpm.model import build_model, load_model, save_model
+    from ppo_ddpm.ddpm.sample import ddim_sample
+    from ppo_ddpm.ddpm.schedules import NoiseSchedule
 
     cfg = Config()
     cfg.output_dir, cfg.device = str(tmp_path), "cpu"
@@ -273,5 +321,24 @@ def test_fakes_sampled_from_base_ddpm(tmp_path):
     path, acc = train_reward_model(cfg)
     fakes = sorted((tmp_path / "data" / "fake").glob("fake_*.png"))
     assert len(fakes) == 20 and path.is_file() and 0.0 <= acc <= 1.0
-    assert np.asarray(Image.open(fakes[0])).shape == (8, 8, 3)
     assert len(list((tmp_path / "data" / "real").glob("*.png"))) == 24
+
+    model = load_model(cfg.model.pretrained)
+    s = cfg.sampling
+    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta,
+                          s.spacing, s.set_alpha_to_one)
+    g = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    expected = torch.cat([ddim_sample(model, plan, torch.randn((b, 3, 8, 8), generator=g), clip_x0=s.clip_x0, generator=g)
+                          for b in (16, 4)])
+    saved = np.stack([np.asarray(Image.open(f)) for f in fakes])
+    assert saved.shape == (20, 8, 8, 3) and len(np.unique(saved.reshape(20, -1), axis=0)) == 20
+    np.testing.assert_array_equal(saved, to_uint8(expected).numpy())
+
+
+def test_one_image_per_class_is_a_clear_error(tmp_path, capsys):
+    save_images(procedural_images(1, 8, seed=0), tmp_path / "data" / "real", "r")
+    save_images(procedural_images(1, 8, seed=1), tmp_path / "data" / "fake", "f")
+    assert main(["--set", f"data.root={tmp_path / 'data'}", "--set", f"output_dir={tmp_path / 'run'}", "--set", "device=cpu",
+                 "--set", "data.image_size=8", "--set", "model.sample_size=8"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data' / 'real'}: 1 real image(s); at least 2 are needed" in err and "Traceback" not in err

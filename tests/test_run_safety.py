@@ -203,6 +203,19 @@ def test_a_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path, capsy
     assert "took over the stale lock" in (err := capsys.readouterr().err) and "pid 4242" in err
 
 
+def raising_reward(x0):
+    raise ValueError("bad pixel")
+
+
+def test_an_error_inside_a_plugin_reward_stops_the_run_naming_it(done_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune.main(args(f"output_dir={out}", f"model.pretrained={done_run / 'ddpm.pth'}", "reward.kind=plugin",
+                              f"reward.function={__name__}:raising_reward")) == 2
+    err = capsys.readouterr().err
+    assert f"error: reward.function='{__name__}:raising_reward' raised ValueError: bad pixel (at {__file__}:" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
+
+
 # --------------------------------------------------------------------------- divergence
 
 
