@@ -1,4 +1,5 @@
-"""DDIM timesteps and steps vs diffusers' DDIMScheduler; the step's log-prob vs float64 hand maths."""
+"""DDIM timesteps and steps vs hand-derived values and diffusers' DDIMScheduler (those tests skip
+without diffusers, the hand-maths ones always run); the step's log-prob vs float64 hand maths."""
 import math
 
 import pytest
@@ -9,22 +10,57 @@ from ppo_ddpm.ddpm.sample import ddim_sample
 from ppo_ddpm.ddpm.schedules import NoiseSchedule
 from ppo_ddpm.ddpm.unet import UNet
 
-diffusers = pytest.importorskip("diffusers")
-
 T = 1000
 
 
-def _scheduler(spacing="leading", clip=False, set_alpha_to_one=True, kind="linear"):
+@pytest.fixture
+def diffusers():
+    """diffusers, for the comparisons only (skipped without it)."""
+    return pytest.importorskip("diffusers")
+
+
+def _scheduler(diffusers, spacing="leading", clip=False, set_alpha_to_one=True, kind="linear"):
     return diffusers.DDIMScheduler(
         num_train_timesteps=T, beta_schedule=kind, timestep_spacing=spacing, clip_sample=clip,
         clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one, steps_offset=0,
     )
 
 
+# by hand: leading t_i = i * (T // n), i = n-1..0; trailing t_i = round(T - i T / n) - 1, i = 0..n-1
+HAND_TIMESTEPS = {
+    ("leading", 1): [0],
+    ("leading", 3): [666, 333, 0],  # T // 3 = 333
+    ("leading", 7): [852, 710, 568, 426, 284, 142, 0],  # T // 7 = 142
+    ("leading", 10): [900, 800, 700, 600, 500, 400, 300, 200, 100, 0],
+    ("trailing", 1): [999],
+    ("trailing", 3): [999, 666, 332],  # 1000, 666.67, 333.33 rounded, minus 1
+    ("trailing", 7): [999, 856, 713, 570, 428, 285, 142],  # 1000 - i 142.857..., rounded, minus 1
+    ("trailing", 10): [999, 899, 799, 699, 599, 499, 399, 299, 199, 99],
+}
+
+
+@pytest.mark.parametrize("spacing, n", sorted(HAND_TIMESTEPS))
+def test_timesteps_by_hand(spacing, n):
+    ts = ddim_timesteps(n, T, spacing)
+    assert ts.dtype == torch.int64 and ts.tolist() == HAND_TIMESTEPS[spacing, n]
+    plan = make_ddim_plan(NoiseSchedule("linear", T).alphas_cumprod, n, 1.0, spacing, set_alpha_to_one=True)
+    assert plan.prev_timesteps.tolist() == [t - T // n for t in HAND_TIMESTEPS[spacing, n]]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("n", [2, 50, 333, 999, 1000])
+def test_timesteps_properties(spacing, n):
+    ts = ddim_timesteps(n, T, spacing).tolist()
+    assert len(ts) == n and ts == sorted(set(ts), reverse=True) and 0 <= ts[-1] and ts[0] <= T - 1
+    assert ts[0] == (T - 1 if spacing == "trailing" else (n - 1) * (T // n))
+    if spacing == "leading":
+        assert ts[-1] == 0
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("n", [1, 3, 7, 10, 50, 333, 1000])
-def test_timesteps_match_diffusers(spacing, n):
-    ref = _scheduler(spacing)
+def test_timesteps_match_diffusers(diffusers, spacing, n):
+    ref = _scheduler(diffusers, spacing)
     ref.set_timesteps(n)
     ts = ddim_timesteps(n, T, spacing)
     assert ts.dtype == torch.int64
@@ -42,9 +78,9 @@ def test_timesteps_bad_input():
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_step_matches_diffusers(spacing, clip, eta, set_alpha_to_one):
+def test_step_matches_diffusers(diffusers, spacing, clip, eta, set_alpha_to_one):
     n = 10
-    ref = _scheduler(spacing, clip, set_alpha_to_one)
+    ref = _scheduler(diffusers, spacing, clip, set_alpha_to_one)
     ref.set_timesteps(n)
     plan = make_ddim_plan(NoiseSchedule("linear", T).alphas_cumprod, n, eta, spacing, set_alpha_to_one)
     assert torch.equal(plan.timesteps, ref.timesteps)
@@ -145,7 +181,7 @@ def test_step_bad_input():
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_sample_equals_diffusers_loop(eta):
+def test_ddim_sample_equals_diffusers_loop(diffusers, eta):
     """ddim_sample == the diffusers DDIM loop with the same model and the same noise draws."""
     torch.manual_seed(0)
     model = UNet(sample_size=8, base_channels=8, channel_mults=[1, 2], attention_resolutions=[4])
@@ -156,7 +192,7 @@ def test_ddim_sample_equals_diffusers_loop(eta):
     got = ddim_sample(model, plan, x_T, clip_x0=1.0, generator=torch.Generator().manual_seed(5))
     assert model.training  # mode restored
 
-    ref = _scheduler("trailing", clip=True)
+    ref = _scheduler(diffusers, "trailing", clip=True)
     ref.set_timesteps(n)
     g = torch.Generator().manual_seed(5)
     x = x_T

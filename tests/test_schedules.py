@@ -1,4 +1,4 @@
-"""Noise schedules vs diffusers' DDPMScheduler (to 1e-6) and vs float64 hand maths."""
+"""Noise schedules vs diffusers' DDPMScheduler (to 1e-6; skipped without diffusers) and vs float64 hand maths."""
 import math
 
 import numpy as np
@@ -8,14 +8,13 @@ import torch
 from ppo_ddpm.config import ScheduleConfig
 from ppo_ddpm.ddpm.schedules import NoiseSchedule, make_betas
 
-diffusers = pytest.importorskip("diffusers")
-
 KINDS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("T, beta_start, beta_end", [(1000, 1e-4, 0.02), (100, 1e-3, 0.05)])
 def test_matches_diffusers_ddpm_scheduler(kind, T, beta_start, beta_end):
+    diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end, beta_schedule=KINDS[kind])
     s = NoiseSchedule(kind, T, beta_start, beta_end)
     assert s.betas.dtype == s.alphas_cumprod.dtype == torch.float32 and s.betas.shape == (T,)

@@ -46,10 +46,21 @@ def test_from_config_matches_constructor():
 
 
 def test_deterministic_on_cpu():
+    """Eval mode switches dropout off (the output is that of the same weights without dropout, call after
+    call); train mode draws a dropout mask from the torch RNG (calls differ, a reseed repeats them)."""
     torch.manual_seed(0)
-    model = UNet(**TINY, dropout=0.3).eval()
+    model = UNet(**TINY, dropout=0.3)
+    plain = UNet(**TINY, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
     x, t = _inputs()
-    assert torch.equal(model(x, t), model(x, t))
+    model.eval()
+    out = model(x, t)
+    assert torch.equal(out, model(x, t)) and torch.equal(out, plain.eval()(x, t))
+    model.train()
+    torch.manual_seed(1)
+    a, b = model(x, t), model(x, t)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, b) and not torch.allclose(a, out) and torch.equal(a, model(x, t))
 
 
 def test_timestep_embedding_formula():
