@@ -418,13 +418,16 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: set[str]) -> None:
-    """Append (keys, problem) for every field rule, non-finite float and Check of ``obj`` (sections first);
-    ``bad`` collects the keys found wrong so far."""
+def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: set[str],
+          wanted: Callable[[str], bool]) -> None:
+    """Append (keys, problem) for every field rule, non-finite float and Check of ``obj`` (sections first)
+    over ``wanted`` keys; ``bad`` collects the keys found wrong so far."""
     for f in dataclasses.fields(obj):
         key, value = prefix + f.name, getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _walk(value, key + ".", found, bad)
+            _walk(value, key + ".", found, bad, wanted)
+            continue
+        if not wanted(key):
             continue
         items = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in items):
@@ -437,7 +440,7 @@ def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: 
             bad.add(key)
     for check in getattr(type(obj), "RULES", ()):
         keys = [prefix + k for k in check.keys]
-        if any(b == k or b.startswith(k + ".") for k in keys for b in bad):
+        if not all(wanted(k) for k in keys) or any(b == k or b.startswith(k + ".") for k in keys for b in bad):
             continue
         problem = check.problem(*(_get(obj, k) for k in check.keys))
         if problem:
@@ -445,14 +448,19 @@ def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: 
             bad.update(keys)  # later checks over these keys would only repeat the problem
 
 
-def validate_config(cfg: Config, origins: Optional[dict[str, str]] = None) -> Config:
+def validate_config(cfg: Config, origins: Optional[dict[str, str]] = None,
+                    sections: Optional[tuple[str, ...]] = None) -> Config:
     """Check every rule of ``cfg`` (see the module docstring); return ``cfg`` or raise one ConfigError.
 
     ``origins`` maps a dotted key to where its value came from (a file, ``--set``); other keys are
-    ``default`` (or ``config`` when no origins are given: a Config built in code).
+    ``default`` (or ``config`` when no origins are given: a Config built in code). ``sections``
+    (e.g. ``("ppo", "sampling", "schedule")``): check only their fields, and the Checks within them.
     """
+    def wanted(key: str) -> bool:
+        return sections is None or any(key == s or key.startswith(s + ".") for s in sections)
+
     found: list[tuple[tuple[str, ...], str]] = []
-    _walk(cfg, "", found, set())
+    _walk(cfg, "", found, set(), wanted)
     if not found:
         return cfg
     fallback = "default" if origins is not None else "config"

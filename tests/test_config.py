@@ -130,3 +130,17 @@ def test_floats_without_a_dot_read_as_floats(tmp_path, text, value):
 def test_near_floats_stay_strings(text):
     with pytest.raises(ConfigError, match=f"'ppo.lr' expects a float, got '{text}'"):
         load_config(None, [f"ppo.lr={text}"])
+
+
+def test_validation_of_some_sections_only():
+    """A trainer built from a Config in code (no file) checks its own sections: other sections may be anything."""
+    from ppo_ddpm.config import validate_config
+
+    cfg = Config()
+    cfg.model.in_channels = 1  # not RGB: a CLI run refuses it, the trainer alone does not care
+    assert validate_config(cfg, sections=("ppo", "sampling", "schedule")) is cfg
+    cfg.ppo.train_last_k = 11
+    with pytest.raises(ConfigError, match="ppo.train_last_k = 11, sampling.num_inference_steps = 10"):
+        validate_config(cfg, sections=("ppo", "sampling", "schedule"))
+    with pytest.raises(ConfigError, match="model.in_channels = 1"):
+        validate_config(cfg)

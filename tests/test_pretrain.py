@@ -9,6 +9,8 @@ from ppo_ddpm.data import procedural_images, save_images
 from ppo_ddpm.ddpm.model import load_model
 from ppo_ddpm.pretrain import main, pretrain
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny end-to-end runs (conftest.py)
+
 TINY = [
     "device=cpu", "model.sample_size=8", "data.image_size=8", "model.base_channels=8",
     "model.channel_mults=[1,2]", "model.attention_resolutions=[4]", "data.procedural_count=32",

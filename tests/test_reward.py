@@ -22,6 +22,8 @@ from ppo_ddpm.reward import (
 )
 from ppo_ddpm.train_reward_model import fit_reward_cnn, main, split_held_out, train_reward_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny end-to-end runs (conftest.py)
+
 
 def _uint8_batch(b, h, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=(b, h, h, 3), dtype=np.uint8)
