@@ -205,7 +205,9 @@ def _reward_model_problem(kind: str, path: str, sample_size: int, in_channels: i
     return None
 
 
-def _sigma_floor_problem(sigma_floor: float, sampling: "SamplingConfig", schedule: "ScheduleConfig") -> Optional[str]:
+def _policy_steps_problem(ppo: "PPOConfig", sampling: "SamplingConfig", schedule: "ScheduleConfig") -> Optional[str]:
+    """The DDIM plan must give the policy steps with a density (``ppo.sigma_floor``), and
+    ``ppo.train_last_k`` may train at most that many (the trainer's own view: ``ppo.rollout``)."""
     from .ddpm.ddim import make_ddim_plan
     from .ddpm.schedules import NoiseSchedule
     from .ppo.rollout import check_sigma_floor
@@ -213,10 +215,11 @@ def _sigma_floor_problem(sigma_floor: float, sampling: "SamplingConfig", schedul
     plan = make_ddim_plan(NoiseSchedule.from_config(schedule).alphas_cumprod, sampling.num_inference_steps,
                           sampling.eta, sampling.spacing, sampling.set_alpha_to_one)
     try:
-        check_sigma_floor(plan, sigma_floor)
+        check_sigma_floor(plan, ppo.sigma_floor)
     except ConfigError as e:
         return str(e)
-    return None
+    return need(ppo.train_last_k <= plan.num_steps,
+                f"ppo.train_last_k must be <= {plan.num_steps}, the number of policy steps (sampling.num_inference_steps)")
 
 
 SEED_BOUND = 2**63  # seeds are offset (rank, batch index) and must stay non-negative int64
@@ -398,14 +401,13 @@ class Config:
             "a class-conditional model needs class folders data.root/real/<c>/ (the procedural dataset has no classes)")),
         Check(("sampling.num_inference_steps", "schedule.num_train_timesteps"), lambda n, T: need(
             n <= T, "sampling.num_inference_steps must be <= schedule.num_train_timesteps")),
-        Check(("ppo.train_last_k", "sampling.num_inference_steps"), lambda k, n: need(
-            k <= n, "ppo.train_last_k must be <= sampling.num_inference_steps")),
         Check(("reward.kind", "reward.target_class", "model.num_classes"), lambda kind, c, n: need(
             kind != "classifier" or c >= 0 or n > 0,
             "reward.target_class < 0 scores each sample's class label, but the model is unconditional")),
         Check(("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels"), _reward_model_problem),
-        Check(("ppo.sigma_floor", "sampling", "schedule"), _sigma_floor_problem,
-              show=("ppo.sigma_floor", "sampling.eta", "sampling.set_alpha_to_one")),
+        Check(("ppo", "sampling", "schedule"), _policy_steps_problem,
+              show=("ppo.sigma_floor", "ppo.train_last_k", "sampling.num_inference_steps", "sampling.eta",
+                    "sampling.set_alpha_to_one")),
     )
 
 

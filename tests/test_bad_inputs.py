@@ -28,7 +28,7 @@ BAD = [
     (["ppo.clip_range=0"], ["ppo.clip_range = 0.0", "> 0"]),
     (["ppo.timestep_fraction=1.5"], ["ppo.timestep_fraction = 1.5", "in (0, 1]"]),
     (["ppo.timestep_fraction=0"], ["ppo.timestep_fraction = 0.0", "in (0, 1]"]),
-    (["ppo.train_last_k=11"], ["ppo.train_last_k = 11", "sampling.num_inference_steps = 10"]),
+    (["ppo.train_last_k=11"], ["ppo.train_last_k = 11", "sampling.num_inference_steps = 10", "must be <= 10"]),
     (["ppo.train_last_k=-1"], ["ppo.train_last_k = -1", ">= 0"]),
     (["sampling.num_inference_steps=0"], ["sampling.num_inference_steps = 0", ">= 1"]),
     (["sampling.num_inference_steps=1001"], ["sampling.num_inference_steps = 1001", "schedule.num_train_timesteps"]),
