@@ -33,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from .config import Config, add_config_args, config_from_args, config_to_dict, validate_config
 from .pipeline import STATE_FILE, prepare, read_record
 from .ppo import distributed as dist_utils
 from .pretrain import checkpoint_dir as pretrain_checkpoint_dir
-from .run_state import RUN_FORMAT, load_run_checkpoint, rng_state, save_last, set_rng_state, truncate_metrics
+from .run_state import RUN_FORMAT, gather_rng, load_run_checkpoint, save_last, set_rng_state, truncate_metrics
 from .utils import set_seed
 from .utils.checkpoint import CheckpointError, refuse_overwrite, safe_load
 from .utils.cli import run_cli
@@ -99,16 +98,6 @@ class RunLogger:
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _gather_rng(world: int) -> list:
-    """Every rank's RNG state, indexed by rank."""
-    state = rng_state()
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
 
 
 def _resume_state(resume: str, cfg: Config, world: int) -> tuple[dict | None, Path | None]:
@@ -182,7 +171,7 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
     dist_utils.barrier()
 
     def checkpoint(done: int) -> Path:
-        rngs = _gather_rng(world)
+        rngs = gather_rng(world)
         dist_utils.barrier()
         if main:  # the config as given: the pipeline's paths are found again through pipeline.json
             save_last(ckpt_dir, {"format": RUN_FORMAT, "iteration": done, "trainer": trainer.state_dict(),
@@ -191,8 +180,14 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
         return ckpt_dir / "last.pt"
 
     def kept() -> str:
+        def done(f: Path) -> str:
+            try:
+                return f"{safe_load(f)['iteration']} iterations"
+            except (CheckpointError, KeyError, TypeError):
+                return "unreadable"
+
         files = [ckpt_dir / name for name in ("last.pt", "prev.pt") if (ckpt_dir / name).is_file()]
-        return ", ".join(f"{f} ({safe_load(f)['iteration']} iterations)" for f in files) or "none yet"
+        return ", ".join(f"{f} ({done(f)})" for f in files) or "none yet"
 
     logger = RunLogger(run_cfg, start, main)
     grid_noise = torch.randn((GRID_SAMPLES, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size),

@@ -67,6 +67,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+def gather_rng(world: int) -> list:
+    """Every rank's :func:`rng_state`, indexed by rank (a collective when ``world > 1``)."""
+    state = rng_state()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
 # --------------------------------------------------------------------------- the last / prev pair
 
 

@@ -1,4 +1,6 @@
-"""Small shared helpers: seeding and device selection."""
+"""Small shared helpers: seeding and device selection here; beside them ``checkpoint`` (atomic,
+weights-only files), ``ema``, ``finite`` (the divergence guard), ``lock`` (one process per
+output_dir), ``signals`` (stopping cleanly) and ``cli`` (exit codes and messages of the CLIs)."""
 from __future__ import annotations
 
 import os
