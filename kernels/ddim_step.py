@@ -4,11 +4,13 @@ Per sample b (abar_t, abar_prev, sigma: scalars or [B], coefficients computed in
 
     x0     = clamp((x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), -clip_x0, clip_x0)   (no clamp if None)
     mean   = sqrt(abar_prev) x0 + sqrt(max(1 - abar_prev - sigma^2, 0)) eps
-    x_prev = mean + sigma noise            (sampling; or the given x_prev is scored)
+    x_prev = mean + sigma noise            (sampling, rounded to its buffer's dtype; or the given x_prev is scored)
     log_prob = -||x_prev - mean||^2 / (2 s^2) - D log s - (D/2) log 2 pi,   s = max(sigma, sigma_floor)
 
-Reference: ``ppo_ddpm.ddpm.ddim.ddim_step_reference`` (same maths, same dtypes: x_prev and mean in
-x_t's dtype, log_prob [B] float32 computed from the fp32 x_prev before rounding). Inputs fp32/bf16/fp16.
+Reference: ``ppo_ddpm.ddpm.ddim.ddim_step_reference`` (same maths, same dtypes: mean in x_t's dtype,
+x_prev in x_t's dtype or in the dtype of the ``out`` buffer it is written to, e.g. a bf16 cache state;
+log_prob [B] float64 of x_prev as stored: the fp32 residual squared and summed in float64, so that PPO
+log-ratios, differences of two such log-probs, stay exact). Inputs fp32/bf16/fp16.
 
 Gradient w.r.t. eps only (x_t, noise, x_prev and the schedule are constants), with
 k_b = sqrt(abar_prev) sqrt(1 - abar_t) / sqrt(abar_t), dir_b = sqrt(max(1 - abar_prev - sigma^2, 0)):
@@ -29,13 +31,13 @@ import math
 
 import torch
 
-from ppo_ddpm.ddpm.ddim import LOG_2PI, ddim_step_reference
+from ppo_ddpm.ddpm.ddim import ddim_step_reference
 
 from . import _dispatch
 from ._dispatch import BLOCK, HAS_TRITON, NUM_WARPS, tl, triton
 
 if HAS_TRITON:
-    from ._dispatch import store_cast
+    from ._dispatch import cast_rne, log_normalizer, store_cast
 
 __all__ = ["ddim_step", "ddim_step_reference", "bytes_moved"]
 
@@ -76,13 +78,13 @@ if HAS_TRITON:
         x_ptr, eps_ptr, z_ptr, xprev_ptr, mean_ptr, part_ptr, abar_t_ptr, abar_prev_ptr, sigma_ptr,
         clip, D, chunk_len, nchunks, BLOCK: tl.constexpr, SCORE: tl.constexpr,
     ):
-        """mean (and x_prev = mean + sigma z when sampling); part[b, c] = chunk sum of (x_prev - mean)^2.
-        z is the noise (sampling) or the given x_prev (SCORE)."""
+        """mean (and x_prev = mean + sigma z when sampling, rounded to x_prev's dtype); part[b, c] = fp64 chunk
+        sum of (x_prev - mean)^2 with x_prev as stored. z is the noise (sampling) or the given x_prev (SCORE)."""
         c = tl.program_id(0)
         b = tl.program_id(1)
         row = b.to(tl.int64) * D
         sqrt_1m_at, sqrt_at, sqrt_ap, dir_coef, _k, sig = _coefficients(abar_t_ptr, abar_prev_ptr, sigma_ptr, b)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, chunk_len, BLOCK):
             idx = c * chunk_len + i + tl.arange(0, BLOCK)
             m = idx < D
@@ -95,22 +97,23 @@ if HAS_TRITON:
             if SCORE:
                 xp = z
             else:
-                xp = mean + sig * z
-                store_cast(xprev_ptr + row + idx, xp, m)
+                xp_stored = cast_rne(mean + sig * z, xprev_ptr.dtype.element_ty)
+                tl.store(xprev_ptr + row + idx, xp_stored, mask=m)
+                xp = xp_stored.to(tl.float32)
             store_cast(mean_ptr + row + idx, mean, m)
-            d = tl.where(m, xp - mean, 0.0)
+            d = tl.where(m, xp.to(tl.float64) - mean.to(tl.float64), 0.0)  # exact residual
             acc += d * d
         tl.store(part_ptr + b * nchunks + c, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _finalize_kernel(part_ptr, sigma_ptr, lp_ptr, sigma_floor, D, half_d_log2pi, nchunks, BLOCK_C: tl.constexpr):
+    def _finalize_kernel(part_ptr, sigma_ptr, lp_ptr, sigma_floor, D, nchunks, BLOCK_C: tl.constexpr):
         """log_prob[b] = -sum_c part[b, c] / (2 s^2) - D log s - (D/2) log 2 pi."""
         b = tl.program_id(0)
         offs = tl.arange(0, BLOCK_C)
         total = tl.sum(tl.load(part_ptr + b * nchunks + offs, mask=offs < nchunks, other=0.0), axis=0)
         s = tl.maximum(tl.load(sigma_ptr + b), sigma_floor).to(tl.float64)
-        lp = -total.to(tl.float64) / (2.0 * s * s) - D * tl.log(s) - half_d_log2pi
-        tl.store(lp_ptr + b, lp.to(tl.float32))
+        lp = -total / (2.0 * s * s) - log_normalizer(s, D)
+        tl.store(lp_ptr + b, lp)
 
     @triton.jit
     def _backward_kernel(
@@ -153,7 +156,7 @@ class _DDIMStep(torch.autograd.Function):
     Outputs: (x_prev, mean, log_prob) when sampling, (mean, log_prob) when scoring."""
 
     @staticmethod
-    def forward(ctx, x_t, eps, abar_t, abar_prev, sigma, z, score, clip_x0, sigma_floor):
+    def forward(ctx, x_t, eps, abar_t, abar_prev, sigma, z, score, clip_x0, sigma_floor, out):
         B, D = x_t.shape[0], x_t[0].numel()
         x = _dispatch.flat(x_t, B, D, "x_t")
         e = _dispatch.flat(eps, B, D, "eps")
@@ -162,12 +165,17 @@ class _DDIMStep(torch.autograd.Function):
         coefs = [_dispatch.per_sample(v, B, dev, n) for v, n in ((abar_t, "abar_t"), (abar_prev, "abar_prev"), (sigma, "sigma"))]
         sp = _dispatch.split(B, D, dev)
         mean = _dispatch.new_empty(x.shape, x_t.dtype, dev)
-        x_prev = mean if score else _dispatch.new_empty(x.shape, x_t.dtype, dev)  # unused pointer when scoring
-        part = _dispatch.new_empty((B, sp.nchunks), torch.float32, dev)
+        if score:
+            x_prev = mean  # unused pointer
+        elif out is not None:
+            x_prev = out
+        else:
+            x_prev = _dispatch.new_empty(x.shape, x_t.dtype, dev)
+        part = _dispatch.new_empty((B, sp.nchunks), torch.float64, dev)
         clip = math.inf if clip_x0 is None else float(clip_x0)
         _forward_kernel[(sp.nchunks, B)](x, e, zz, x_prev, mean, part, *coefs, clip, D, sp.chunk_len, sp.nchunks, BLOCK=BLOCK, SCORE=score, num_warps=NUM_WARPS)
-        log_prob = _dispatch.new_empty((B,), torch.float32, dev)
-        _finalize_kernel[(B,)](part, coefs[2], log_prob, float(sigma_floor), D, 0.5 * D * LOG_2PI, sp.nchunks, BLOCK_C=sp.block_c, num_warps=1)
+        log_prob = _dispatch.new_empty((B,), torch.float64, dev)
+        _finalize_kernel[(B,)](part, coefs[2], log_prob, float(sigma_floor), D, sp.nchunks, BLOCK_C=sp.block_c, num_warps=1)
         ctx.save_for_backward(x, e, zz, *coefs)
         ctx.set_materialize_grads(False)  # unused outputs give None: no wasted reads in backward
         ctx.score, ctx.clip, ctx.clipped, ctx.sigma_floor, ctx.split = score, clip, clip_x0 is not None, float(sigma_floor), sp
@@ -194,22 +202,32 @@ class _DDIMStep(torch.autograd.Function):
             geps, abar_t, abar_prev, sigma, ctx.sigma_floor, ctx.clip, D, sp.chunk_len, BLOCK=BLOCK,
             HAS_GM=gm is not None, HAS_GX=gx is not None, HAS_GLP=glp is not None, NEED_X0=need_x0, num_warps=NUM_WARPS,
         )
-        return None, geps, None, None, None, None, None, None, None
+        return None, geps, None, None, None, None, None, None, None, None
 
 
-def ddim_step(x_t, eps, abar_t, abar_prev, sigma, noise=None, x_prev=None, clip_x0=None, sigma_floor=0.0):
-    """Fused DDIM step -> (x_prev, mean, log_prob [B] f32); differentiable w.r.t. eps (module docstring).
+def ddim_step(x_t, eps, abar_t, abar_prev, sigma, noise=None, x_prev=None, clip_x0=None, sigma_floor=0.0, out=None):
+    """Fused DDIM step -> (x_prev, mean, log_prob [B] float64); differentiable w.r.t. eps (module docstring).
 
     Give ``noise`` to sample, ``x_prev`` to score a cached action, neither to draw noise with torch.randn.
+    ``out`` (sampling without grad): a contiguous [B, ...] buffer of any float dtype that receives x_prev
+    (e.g. the rollout cache's next state); the log-prob scores x_prev as stored there.
     """
     if noise is not None and x_prev is not None:
         raise ValueError("give either noise or x_prev, not both")
-    if not _dispatch.use_triton(x_t, eps, noise, x_prev):
-        return ddim_step_reference(x_t, eps, abar_t, abar_prev, sigma, noise=noise, x_prev=x_prev, clip_x0=clip_x0, sigma_floor=sigma_floor)
+    if out is not None:
+        if x_prev is not None:
+            raise ValueError("out receives a sampled x_prev; it cannot be given with x_prev")
+        if out.shape != x_t.shape or not out.is_contiguous() or not out.is_floating_point():
+            raise ValueError(f"out must be a contiguous floating tensor of shape {tuple(x_t.shape)}, got {tuple(out.shape)}")
+        if torch.is_grad_enabled() and eps.requires_grad:
+            raise ValueError("out is for sampling without grad (the rollout); the gradient needs a fresh x_prev")
+    if not _dispatch.use_triton(x_t, eps, noise, x_prev, out):
+        return ddim_step_reference(x_t, eps, abar_t, abar_prev, sigma, noise=noise, x_prev=x_prev, clip_x0=clip_x0,
+                                   sigma_floor=sigma_floor, out=out)
     _dispatch.no_grad_required(x_t=x_t, noise=noise, x_prev=x_prev, abar_t=abar_t, abar_prev=abar_prev, sigma=sigma)
     if x_prev is not None:
-        mean, log_prob = _DDIMStep.apply(x_t, eps, abar_t, abar_prev, sigma, x_prev, True, clip_x0, sigma_floor)
+        mean, log_prob = _DDIMStep.apply(x_t, eps, abar_t, abar_prev, sigma, x_prev, True, clip_x0, sigma_floor, None)
         return x_prev.to(x_t.dtype), mean, log_prob
     if noise is None:
         noise = torch.randn(x_t.shape, device=x_t.device, dtype=torch.float32)
-    return _DDIMStep.apply(x_t, eps, abar_t, abar_prev, sigma, noise, False, clip_x0, sigma_floor)
+    return _DDIMStep.apply(x_t, eps, abar_t, abar_prev, sigma, noise, False, clip_x0, sigma_floor, out)

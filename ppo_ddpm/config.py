@@ -93,6 +93,7 @@ class RewardConfig:
 
     kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "plugin"] = "model"
     model_path: str = ""
+    model_output: Literal["log_odds", "log_p_real"] = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
     target_class: int = 1
     function: str = ""
     # reward-model training (python -m ppo_ddpm.train_reward_model)
@@ -108,11 +109,18 @@ class RewardConfig:
 class PPOConfig:
     """PPO on whole DDIM trajectories.
 
-    objective ``trajectory``: r = prod_t r_t, log r_t per-step clipped, the sum globally clipped,
-    PPO min-form loss, gradient only where nothing clipped. ``per_step``: DDPO's estimator.
+    objective ``trajectory``: r = prod_t r_t over the stochastic steps, log r_t per-step clipped, the
+    sum globally clipped, PPO min-form loss. ``per_step``: DDPO's estimator (a PPO ratio per step).
+    log_prob_reduction: per-step log-probs summed over pixels (``sum``, the density) or averaged
+    (``mean``, DDPO). grad_mask: ``strict`` (gradient only for samples where nothing was clipped) or
+    ``ppo`` (standard PPO: autograd of the min form). sigma_floor: the policy's std is
+    s_t = max(sigma_t, sigma_floor) when scoring; with sample_at_floor the sampler draws with it too.
+    kl_beta: weight of the KL to the base model, per step as the objective weighs that step's log-ratio.
     """
 
     objective: Literal["trajectory", "per_step"] = "trajectory"
+    log_prob_reduction: Literal["sum", "mean"] = "sum"
+    grad_mask: Literal["strict", "ppo"] = "strict"
     iterations: int = 20
     batch_size: int = 32  # rollouts per iteration (per rank)
     num_epochs: int = 1
@@ -122,6 +130,7 @@ class PPOConfig:
     per_step_clip: Optional[float] = 1.0
     global_clip: Optional[float] = 5.0
     sigma_floor: float = 1e-2
+    sample_at_floor: bool = False
     adv_clip: Optional[float] = 5.0
     advantage: Literal["global", "group"] = "global"
     group_buffer_size: int = 32

@@ -6,9 +6,10 @@ Reported (``{output_dir}/eval/eval.json``, TensorBoard under ``{output_dir}/tb``
 
 - reward mean and std (population, ddof 0) of each model;
 - win rate = mean_b [r_ft,b > r_base,b] (same noise b);
-- per-step KL drift along the fine-tuned trajectory, with s_t = max(sigma_t, ppo.sigma_floor):
-  KL_t = mean_b ||mu_ft(x_t) - mu_base(x_t)||^2 / (2 s_t^2), x_t the fine-tuned state;
-  ``kl_drift_total`` = sum_t KL_t (the KL of the two trajectory distributions, given the same x_T);
+- per-step KL drift along the fine-tuned trajectory, over the stochastic (policy) steps, with
+  s_t = max(sigma_t, ppo.sigma_floor): KL_t = mean_b ||mu_ft(x_t) - mu_base(x_t)||^2 / (2 s_t^2),
+  x_t the fine-tuned state; ``kl_drift_total`` = sum_t KL_t (the KL of the two trajectory
+  distributions, given the same x_T; deterministic steps are the environment's and carry none);
 - diversity = mean pairwise L2 distance ||x0_i - x0_j|| over the samples of one model.
 
 Images: ``side_by_side.png`` (base | fine-tuned, same noise in the same grid cell) and
@@ -27,11 +28,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import Config, ConfigError, add_config_args, config_from_args
-from .ddpm.ddim import ddim_step_reference, make_ddim_plan
+from .ddpm.ddim import DDIMPlan, ddim_step_reference
 from .ddpm.model import load_model
-from .ddpm.sample import ddim_sample
-from .ddpm.schedules import NoiseSchedule
-from .ppo.rollout import check_sigma_floor
+from .ddpm.sample import ddim_loop, ddim_sample
+from .ppo.rollout import check_policy_steps
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
 
@@ -40,20 +40,23 @@ BASE_COLOUR, FT_COLOUR = (60, 110, 200), (230, 120, 40)
 
 
 @torch.no_grad()
-def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator):
-    """Sample x_0 from ``ft`` (draws as ``ddim_sample``) -> (x_0 [B,...], KL [n, B] float64).
+def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator, steps: list[int]):
+    """Sample x_0 from ``ft`` (draws as ``ddim_sample``) -> (x_0 [B,...], KL [len(steps), B] float64).
 
-    KL[i, b] = ||mu_ft - mu_base||^2 / (2 s_i^2) with both means taken at the fine-tuned state x_t.
+    KL[j, b] = ||mu_ft - mu_base||^2 / (2 s_i^2) at the policy step i = steps[j], both means taken at
+    the fine-tuned state x_i (deterministic steps are the environment's: no KL).
     """
-    x = x_T
-    kl = torch.zeros(plan.num_steps, x_T.shape[0], dtype=torch.float64, device=x_T.device)
-    for i in range(plan.num_steps):
-        t, *step = plan.step(i, x.shape[0])
-        x_next, mu_ft, _ = ddim_step_reference(x, ft(x, t, class_labels), *step, clip_x0=clip_x0, generator=generator)
-        _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *step, x_prev=x_next, clip_x0=clip_x0)
-        kl[i] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)
-        x = x_next
-    return x, kl
+    kl = torch.zeros(len(steps), x_T.shape[0], dtype=torch.float64, device=x_T.device)
+    row = {i: j for j, i in enumerate(steps)}
+
+    def visit(i, x, x_next, mu_ft, _log_prob):
+        if i in row:
+            t, *coefs = plan.step(i, x.shape[0])
+            _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *coefs, x_prev=x_next, clip_x0=clip_x0)
+            kl[row[i]] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)
+
+    draw = lambda i: torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)  # noqa: E731
+    return ddim_loop(ft, plan, x_T, class_labels, noise=draw, clip_x0=clip_x0, visit=visit), kl
 
 
 def mean_pairwise_distance(x: torch.Tensor) -> float:
@@ -126,9 +129,8 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     ft = load_model(finetuned_path, cfg.model).to(device).eval()
     reward_fn = build_reward(cfg.reward, device)
     sc = cfg.sampling
-    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
-                          sc.spacing, sc.set_alpha_to_one).to(device)
-    check_sigma_floor(plan, cfg.ppo.sigma_floor)  # the KL drift needs s_t = max(sigma_t, sigma_floor) > 0
+    plan = DDIMPlan.from_config(cfg).to(device)
+    steps = check_policy_steps(plan, cfg.ppo.sigma_floor)
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
     xs_b, xs_f, rs_b, rs_f, kls = [], [], [], [], []
@@ -141,7 +143,7 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
         noise_state = gen.get_state()
         x_b = ddim_sample(base, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
         gen.set_state(noise_state)
-        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen)
+        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen, steps)
         xs_b.append(x_b.float().cpu())
         xs_f.append(x_f.float().cpu())
         rs_b.append(reward_fn(x_b, labels).double().cpu())
@@ -158,7 +160,7 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
         "win_rate": float((r_f > r_b).mean()),
         "kl_drift_total": float(kl_steps.sum()),
         "kl_drift_per_step": [float(v) for v in kl_steps],
-        "timesteps": [int(t) for t in plan.timesteps.cpu()],
+        "timesteps": [int(plan.timesteps[i]) for i in steps],
         "base_diversity": mean_pairwise_distance(x_b), "finetuned_diversity": mean_pairwise_distance(x_f),
         "base_rewards": [float(v) for v in r_b], "finetuned_rewards": [float(v) for v in r_f],
         "base_path": str(base_path), "finetuned_path": str(finetuned_path), "seed": cfg.eval.seed,

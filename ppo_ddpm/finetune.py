@@ -342,7 +342,7 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
         for it in bar:
             stats = trainer.step(it)
             logger.log(it, stats)
-            bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl_k3', float('nan')):.2e}")
+            bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl', float('nan')):.2e}")
             if cfg.logging.sample_every > 0 and (it + 1) % cfg.logging.sample_every == 0:
                 logger.grid(it, trainer.sample(grid_noise, cfg.seed))
             stopping = stop["signum"] is not None

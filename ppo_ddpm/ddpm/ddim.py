@@ -12,7 +12,10 @@ The policy's log-prob of the action x_prev uses s_t = max(sigma_t, sigma_floor):
 
     log pi(x_prev | x_t) = -||x_prev - mu_t||^2 / (2 s_t^2) - D log s_t - (D / 2) log(2 pi)
 
-summed over the D = C*H*W pixels (``reduction='mean'`` divides by D).
+summed over the D = C*H*W pixels (``reduction='mean'`` divides by D). Log-probs are float64: the
+residual x_prev - mu_t of the float32/bf16 values is formed, squared and summed in float64, so the
+difference of two log-probs of the same action (a PPO log-ratio, ~1e4 - 1e4 at 3x32x32 and s = 0.01)
+keeps ~1e-11 absolute accuracy.
 """
 from __future__ import annotations
 
@@ -66,6 +69,21 @@ class DDIMPlan:
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
 
+    @classmethod
+    def from_config(cls, cfg) -> "DDIMPlan":
+        """The plan of a run's :class:`~ppo_ddpm.config.Config`: schedule, sampling, and with
+        ``ppo.sample_at_floor`` the DDIM sigmas raised to ``ppo.sigma_floor``."""
+        from .schedules import NoiseSchedule
+
+        s = cfg.sampling
+        return make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta, s.spacing,
+                              s.set_alpha_to_one, min_sigma=cfg.ppo.sigma_floor if cfg.ppo.sample_at_floor else 0.0)
+
+    def stochastic_steps(self) -> list[int]:
+        """Steps i with sigma_i > 0: the policy's actions. A step with sigma_i = 0 is deterministic
+        (x_{i+1} = mu_i): part of the environment, with no log-prob."""
+        return [i for i, sig in enumerate(self.sigma.tolist()) if sig > 0]
+
     def step(self, i, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, abar_t, abar_prev, sigma) of step ``i`` (an int, or an index tensor [batch] for one step
         per sample), each expanded to [batch]: per-sample inputs of the model and the DDIM step."""
@@ -75,8 +93,13 @@ class DDIMPlan:
         return DDIMPlan(*(getattr(self, f).to(device) for f in ("timesteps", "prev_timesteps", "abar_t", "abar_prev", "sigma")))
 
 
-def make_ddim_plan(alphas_cumprod: torch.Tensor, num_inference_steps: int, eta: float, spacing: str = "leading", set_alpha_to_one: bool = True) -> DDIMPlan:
-    """Build the n-step plan from abar [T] (float64 maths, float32 result), as diffusers' DDIMScheduler."""
+def make_ddim_plan(alphas_cumprod: torch.Tensor, num_inference_steps: int, eta: float, spacing: str = "leading",
+                   set_alpha_to_one: bool = True, min_sigma: float = 0.0) -> DDIMPlan:
+    """Build the n-step plan from abar [T] (float64 maths, float32 result), as diffusers' DDIMScheduler.
+
+    ``min_sigma`` > 0 samples every step with sigma_i = max(sigma_i, min_sigma) (DPPO's minimum policy
+    std): the mean's eps coefficient sqrt(max(1 - abar_prev - sigma^2, 0)) follows, and no step is
+    deterministic any more."""
     T = alphas_cumprod.numel()
     ac = alphas_cumprod.detach().double().cpu()
     ts = ddim_timesteps(num_inference_steps, T, spacing)
@@ -84,7 +107,7 @@ def make_ddim_plan(alphas_cumprod: torch.Tensor, num_inference_steps: int, eta: 
     final = torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one else ac[0]
     abar_t = ac[ts]
     abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)], final)
-    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    sigma = ddim_sigma(abar_t, abar_prev, eta).clamp_min(min_sigma)
     return DDIMPlan(ts, prev, abar_t.float(), abar_prev.float(), sigma.float())
 
 
@@ -104,19 +127,21 @@ def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def squared_distance(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """||x - mean||^2 per sample [B] float64: residual, square and sum in float64 (the difference of two
+    float32/bf16 values is exact in float64)."""
+    return (x.double() - mean.double()).flatten(1).pow(2).sum(1)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, s, reduction: str = "sum") -> torch.Tensor:
-    """log N(x; mean, s^2 I) per sample [B]; float32 maths (float64 for float64 inputs); s scalar or [B]."""
-    dt = _compute_dtype(x, mean)
-    x32, m32 = x.to(dt), mean.to(dt)
-    s = _per_sample(s, x32).reshape(-1)
-    D = x32[0].numel()
-    sq = (x32 - m32).pow(2).flatten(1).sum(1)
-    lp = -sq / (2 * s * s) - D * torch.log(s) - 0.5 * D * LOG_2PI
-    if reduction == "mean":
-        return lp / D
-    if reduction != "sum":
+    """log N(x; mean, s^2 I) per sample [B] float64 (module docstring); s scalar or [B]."""
+    if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    return lp
+    sq = squared_distance(x, mean)
+    s = torch.as_tensor(s, device=x.device).double().expand(x.shape[0])
+    D = x[0].numel()
+    lp = -sq / (2 * s * s) - D * torch.log(s) - 0.5 * D * LOG_2PI
+    return lp / D if reduction == "mean" else lp
 
 
 def ddim_step_reference(
@@ -131,16 +156,21 @@ def ddim_step_reference(
     sigma_floor: float = 0.0,
     reduction: str = "sum",
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One DDIM step with its log-prob (plain PyTorch; the reference of the fused kernel).
 
     x_t, eps: [B, C, H, W]; abar_t, abar_prev, sigma: scalars or [B] (per-sample, no host sync).
     Give ``noise`` to sample x_prev = mu + sigma * noise, or ``x_prev`` to score a cached action.
-    Returns (x_prev [B, ...] in x_t's dtype, mu [B, ...] in x_t's dtype, log_prob [B] float32).
-    Maths in float32, or float64 when x_t or eps is float64 (then log_prob is float64 too).
+    ``out`` (sampling only): a buffer of any float dtype (e.g. a bf16 cache state) that receives x_prev.
+    Returns (x_prev [B, ...] in out's dtype or x_t's, mu [B, ...] in x_t's dtype, log_prob [B] float64);
+    the log-prob scores x_prev as returned, i.e. after rounding to its dtype. Maths in float32, or
+    float64 when x_t or eps is float64; log-prob sums in float64 (``gaussian_log_prob``).
     """
     if noise is not None and x_prev is not None:
         raise ValueError("give either noise or x_prev, not both")
+    if out is not None and x_prev is not None:
+        raise ValueError("out receives a sampled x_prev; it cannot be given with x_prev")
     dt = _compute_dtype(x_t, eps)
     x32, e32 = x_t.to(dt), eps.to(dt)
     a_t, a_p, sig = _per_sample(abar_t, x32), _per_sample(abar_prev, x32), _per_sample(sigma, x32)
@@ -151,9 +181,9 @@ def ddim_step_reference(
     if x_prev is None:
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-        x_prev32 = mean + sig * noise.to(dt)
-    else:
-        x_prev32 = x_prev.to(dt)
+        x_prev = (mean + sig * noise.to(dt)).to(x_t.dtype if out is None else out.dtype)
+        if out is not None:
+            x_prev = out.copy_(x_prev)
     s = sig.reshape(-1).clamp_min(sigma_floor)
-    log_prob = gaussian_log_prob(x_prev32, mean, s, reduction)
-    return x_prev32.to(x_t.dtype), mean.to(x_t.dtype), log_prob
+    log_prob = gaussian_log_prob(x_prev, mean, s, reduction)
+    return x_prev.to(x_t.dtype) if out is None else x_prev, mean.to(x_t.dtype), log_prob

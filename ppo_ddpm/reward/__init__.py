@@ -6,8 +6,8 @@
 
 ``cfg.reward.kind``:
 
-- ``model``: log-odds of "real", logit_real - logit_fake, of the RewardCNN at ``model_path``
-  (trained by ``python -m ppo_ddpm.train_reward_model``);
+- ``model``: the RewardCNN at ``model_path`` (trained by ``python -m ppo_ddpm.train_reward_model``):
+  log-odds of "real", logit_real - logit_fake, or log p(real) (``model_output``);
 - ``classifier``: log p(target_class | x0) of the RewardCNN at ``model_path``
   (``target_class < 0``: the class label of each sample);
 - ``jpeg_compressibility`` / ``jpeg_incompressibility``: -/+ JPEG (q95) size in kB (DDPO);
@@ -24,6 +24,7 @@ from .builtin import (
     jpeg_incompressibility,
     jpeg_size_kb,
     real_vs_fake_log_odds,
+    real_vs_fake_log_p_real,
 )
 from .model import CLASS_NAMES, RewardCNN, load_reward_model, save_reward_model
 from .plugin import load_plugin
@@ -31,7 +32,7 @@ from .plugin import load_plugin
 __all__ = [
     "CLASS_NAMES", "RewardCNN", "RewardError", "RewardFn", "build_reward", "check_reward",
     "classifier_log_prob", "freeze", "jpeg_compressibility", "jpeg_incompressibility", "jpeg_size_kb",
-    "load_plugin", "load_reward_model", "real_vs_fake_log_odds", "save_reward_model",
+    "load_plugin", "load_reward_model", "real_vs_fake_log_odds", "real_vs_fake_log_p_real", "save_reward_model",
 ]
 
 
@@ -61,8 +62,9 @@ def build_reward(reward_cfg, device: str | torch.device = "cpu") -> RewardFn:
         names = meta["class_names"]
         if "real" not in names or "fake" not in names:
             raise RewardError(f"reward model {reward_cfg.model_path} has classes {names}, expected 'real' and 'fake'")
-        fn = real_vs_fake_log_odds(model, names.index("real"), names.index("fake"))
-        return RewardFn(fn, f"model {reward_cfg.model_path}", device=device, model=model)
+        make = real_vs_fake_log_p_real if reward_cfg.model_output == "log_p_real" else real_vs_fake_log_odds
+        fn = make(model, names.index("real"), names.index("fake"))
+        return RewardFn(fn, f"model {reward_cfg.model_path} ({reward_cfg.model_output})", device=device, model=model)
     if kind == "classifier":
         model, _ = _load_frozen(reward_cfg, device)
         n = model.config["num_classes"]

@@ -4,8 +4,10 @@
   encoded by PIL as JPEG quality 95; size_kB = bytes / 1000.
   compressibility r = -size_kB, incompressibility r = +size_kB.
 - classifier: r = log p(y | x0) = log_softmax(logits)[y], y = target class (or the sample's label).
-- real-vs-fake model: r = logit_real - logit_fake = log p(real | x0) - log p(fake | x0), the log-odds
-  of "real" (unbounded, monotone in p(real); PPO normalises the advantages anyway).
+- real-vs-fake model (``reward.model_output``): ``log_odds`` r = logit_real - logit_fake
+  = log p(real | x0) - log p(fake | x0) (unbounded: a policy can push it far above any real image's
+  score), or ``log_p_real`` r = log p(real | x0) = log sigmoid(logit_real - logit_fake) (bounded above
+  by 0: once an image is judged real, there is nothing more to gain from it).
 """
 from __future__ import annotations
 
@@ -60,5 +62,15 @@ def real_vs_fake_log_odds(model: nn.Module, real_class: int, fake_class: int) ->
     def reward(x0: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         logits = model(x0).float()
         return logits[:, real_class] - logits[:, fake_class]
+
+    return reward
+
+
+def real_vs_fake_log_p_real(model: nn.Module, real_class: int, fake_class: int) -> Callable:
+    """r = log p(real) = log sigmoid(logit_real - logit_fake), <= 0."""
+    log_odds = real_vs_fake_log_odds(model, real_class, fake_class)
+
+    def reward(x0: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.nn.functional.logsigmoid(log_odds(x0, class_labels))
 
     return reward
