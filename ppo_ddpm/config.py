@@ -88,10 +88,10 @@ class RewardConfig:
 
     kind: ``model`` (a trained real-vs-fake CNN at ``model_path``), ``jpeg_compressibility``,
     ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of the CNN at
-    ``model_path``) or ``plugin`` (``function`` = ``module:function``).
+    ``model_path``), ``random`` (the random-reward control) or ``plugin`` (``function`` = ``module:function``).
     """
 
-    kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "plugin"] = "model"
+    kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "random", "plugin"] = "model"
     model_path: str = ""
     model_output: Literal["log_odds", "log_p_real"] = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
     target_class: int = 1

@@ -32,6 +32,7 @@ from .ddpm.ddim import DDIMPlan, ddim_step_reference
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_loop, ddim_sample
 from .ppo.rollout import check_policy_steps
+from .quality import mean_pairwise_distance
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
 
@@ -57,13 +58,6 @@ def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generato
 
     draw = lambda i: torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)  # noqa: E731
     return ddim_loop(ft, plan, x_T, class_labels, noise=draw, clip_x0=clip_x0, visit=visit), kl
-
-
-def mean_pairwise_distance(x: torch.Tensor) -> float:
-    """mean_{i<j} ||x_i - x_j||_2 over the flattened samples (float64); 0 for one sample."""
-    if x.shape[0] < 2:
-        return 0.0
-    return torch.pdist(x.flatten(1).double()).mean().item()
 
 
 def _upscaled_grid(x: torch.Tensor, width: int = 256) -> Image.Image:
@@ -118,22 +112,73 @@ def reward_histogram(r_base: np.ndarray, r_ft: np.ndarray, path: Path, bins: int
     return path
 
 
-def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None = None) -> dict:
-    """Compare the two models on ``cfg.eval.num_samples`` shared noises; write the artefacts; return the summary."""
+def real_images(cfg: Config, limit: int = 1024) -> torch.Tensor | None:
+    """Up to ``limit`` images of ``{data.root}/real`` (the distribution the base model was trained on), or
+    None when the run has no such folder (e.g. a pretrained model with a JPEG reward)."""
+    from .data import load_images
+
+    folder = Path(cfg.data.root) / "real" if cfg.data.root else None
+    if folder is None or not folder.is_dir():
+        return None
+    return load_images(folder, cfg.model.sample_size)[:limit]
+
+
+def _paired_se(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of mean(a - b) over paired samples (same noise)."""
+    d = a - b
+    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
+
+
+# Heuristic thresholds of the verdict (docs/objective.md explains them).
+COLLAPSE_DIVERSITY = 0.8  # fine-tuned diversity below this fraction of the base's: mode collapse
+DRIFT_KID = 1.25  # KID to the real data above this multiple of the base's: moved away from the data
+GRAIN = 1.25  # grain above this multiple of max(base, real): noise texture
+
+
+def verdict(r: dict) -> tuple[str, list[str]]:
+    """(label, reasons) from an ``evaluate`` summary: ``improved``, ``no gain``, ``no gain over control``,
+    ``collapsed`` or ``hacked`` (reward up, but away from the real data or grainy). Several reasons can
+    apply; the label is the first of: collapsed, hacked, no gain, no gain over control, improved."""
+    reasons = []
+    if r["finetuned_diversity"] < COLLAPSE_DIVERSITY * r["base_diversity"]:
+        reasons.append(f"collapsed: diversity {r['finetuned_diversity']:.3g} < {COLLAPSE_DIVERSITY} x base {r['base_diversity']:.3g}")
+    real = r.get("real")
+    if real is not None:
+        if r["finetuned"]["kid"] > DRIFT_KID * r["base"]["kid"]:
+            reasons.append(f"hacked: KID to real data {r['finetuned']['kid']:.4g} > {DRIFT_KID} x base {r['base']['kid']:.4g}")
+        grain_ref = max(r["base"]["grain"], real["grain"])
+        if r["finetuned"]["grain"] > GRAIN * grain_ref:
+            reasons.append(f"hacked: grain {r['finetuned']['grain']:.3g} > {GRAIN} x max(base, real) {grain_ref:.3g}")
+    if r["reward_gain"] <= 2 * r["reward_gain_se"]:
+        reasons.append(f"no gain: reward gain {r['reward_gain']:+.4g} <= 2 x its standard error {r['reward_gain_se']:.3g}")
+    if "gain_over_control" in r and r["gain_over_control"] <= 2 * r["gain_over_control_se"]:
+        reasons.append(f"no gain over control: {r['gain_over_control']:+.4g} <= 2 x its standard error {r['gain_over_control_se']:.3g}")
+    for label in ("collapsed", "hacked", "no gain over control", "no gain"):
+        if any(x.startswith(label + ":") for x in reasons):
+            return label, reasons
+    return "improved", reasons
+
+
+def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None = None, control_path: str | None = None) -> dict:
+    """Compare the two models (and a random-reward ``control``) on ``cfg.eval.num_samples`` shared noises;
+    write the artefacts; return the summary (module docstring)."""
+    from .quality import RandomFeatures, image_stats, kid
     from .reward import build_reward
 
     if cfg.eval.num_samples < 1 or cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.num_samples and eval.batch_size must be >= 1, got {cfg.eval.num_samples}, {cfg.eval.batch_size}")
     device = resolve_device(cfg.device)
-    base = load_model(base_path, cfg.model).to(device).eval()
-    ft = load_model(finetuned_path, cfg.model).to(device).eval()
+    models = {"base": load_model(base_path, cfg.model).to(device).eval(),
+              "finetuned": load_model(finetuned_path, cfg.model).to(device).eval()}
+    if control_path:
+        models["control"] = load_model(control_path, cfg.model).to(device).eval()
     reward_fn = build_reward(cfg.reward, device)
     sc = cfg.sampling
     plan = DDIMPlan.from_config(cfg).to(device)
     steps = check_policy_steps(plan, cfg.ppo.sigma_floor)
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
-    xs_b, xs_f, rs_b, rs_f, kls = [], [], [], [], []
+    xs, rs, kls = {k: [] for k in models}, {k: [] for k in models}, []
     for k, start in enumerate(range(0, cfg.eval.num_samples, cfg.eval.batch_size)):
         B = min(cfg.eval.batch_size, cfg.eval.num_samples - start)
         gen = torch.Generator(device=device).manual_seed(cfg.eval.seed + k)
@@ -141,31 +186,47 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
         labels = (torch.randint(cfg.model.num_classes, (B,), generator=gen, device=device)
                   if cfg.model.num_classes > 0 else None)
         noise_state = gen.get_state()
-        x_b = ddim_sample(base, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
-        gen.set_state(noise_state)
-        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen, steps)
-        xs_b.append(x_b.float().cpu())
-        xs_f.append(x_f.float().cpu())
-        rs_b.append(reward_fn(x_b, labels).double().cpu())
-        rs_f.append(reward_fn(x_f, labels).double().cpu())
-        kls.append(kl.cpu())
-    x_b, x_f = torch.cat(xs_b), torch.cat(xs_f)
-    r_b, r_f = torch.cat(rs_b).numpy(), torch.cat(rs_f).numpy()
+        for name, model in models.items():
+            gen.set_state(noise_state)  # every model consumes the identical draws
+            if name == "finetuned":
+                x, kl = finetuned_trajectory(model, models["base"], plan, x_T, labels, sc.clip_x0, s, gen, steps)
+                kls.append(kl.cpu())
+            else:
+                x = ddim_sample(model, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
+            xs[name].append(x.float().cpu())
+            rs[name].append(reward_fn(x, labels).double().cpu())
+    x = {k: torch.cat(v) for k, v in xs.items()}
+    r = {k: torch.cat(v).numpy() for k, v in rs.items()}
     kl_steps = torch.cat(kls, dim=1).mean(dim=1)
     result = {
-        "num_samples": int(len(r_b)),
-        "base_reward_mean": float(r_b.mean()), "base_reward_std": float(r_b.std()),
-        "finetuned_reward_mean": float(r_f.mean()), "finetuned_reward_std": float(r_f.std()),
-        "reward_gain": float(r_f.mean() - r_b.mean()),
-        "win_rate": float((r_f > r_b).mean()),
+        "num_samples": int(len(r["base"])),
+        "base_reward_mean": float(r["base"].mean()), "base_reward_std": float(r["base"].std()),
+        "finetuned_reward_mean": float(r["finetuned"].mean()), "finetuned_reward_std": float(r["finetuned"].std()),
+        "reward_gain": float(r["finetuned"].mean() - r["base"].mean()),
+        "reward_gain_se": _paired_se(r["finetuned"], r["base"]),
+        "win_rate": float((r["finetuned"] > r["base"]).mean()),
         "kl_drift_total": float(kl_steps.sum()),
         "kl_drift_per_step": [float(v) for v in kl_steps],
         "timesteps": [int(plan.timesteps[i]) for i in steps],
-        "base_diversity": mean_pairwise_distance(x_b), "finetuned_diversity": mean_pairwise_distance(x_f),
-        "base_rewards": [float(v) for v in r_b], "finetuned_rewards": [float(v) for v in r_f],
+        "base_diversity": mean_pairwise_distance(x["base"]), "finetuned_diversity": mean_pairwise_distance(x["finetuned"]),
+        "base_rewards": [float(v) for v in r["base"]], "finetuned_rewards": [float(v) for v in r["finetuned"]],
         "base_path": str(base_path), "finetuned_path": str(finetuned_path), "seed": cfg.eval.seed,
     }
-    _write_artefacts(cfg, result, x_b, x_f, step)
+    if control_path:
+        result.update(control_path=str(control_path), control_reward_mean=float(r["control"].mean()),
+                      control_reward_gain=float(r["control"].mean() - r["base"].mean()),
+                      gain_over_control=float(r["finetuned"].mean() - r["control"].mean()),
+                      gain_over_control_se=_paired_se(r["finetuned"], r["control"]))
+    real = real_images(cfg)
+    features = RandomFeatures()
+    for name, images in x.items():
+        result[name] = image_stats(images)
+        if real is not None:
+            result[name]["kid"] = kid(images, real, features)
+    if real is not None:
+        result["real"] = {**image_stats(real), "num_images": int(real.shape[0])}
+    result["verdict"], result["verdict_reasons"] = verdict(result)
+    _write_artefacts(cfg, result, x["base"], x["finetuned"], step)
     return result
 
 
@@ -193,13 +254,23 @@ def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Te
 
 
 def format_summary(r: dict) -> str:
-    """Human-readable lines: both mean rewards, win rate, KL drift, diversity."""
-    return "\n".join([
-        f"[eval] {r['num_samples']} samples, same noise for both models",
+    """Human-readable lines: rewards, gains (over the control too), distance to the real data, verdict."""
+    lines = [
+        f"[eval] {r['num_samples']} samples, same noise for every model",
         f"[eval] base       mean reward {r['base_reward_mean']:+.4f} (std {r['base_reward_std']:.4f}), diversity {r['base_diversity']:.3f}",
         f"[eval] fine-tuned mean reward {r['finetuned_reward_mean']:+.4f} (std {r['finetuned_reward_std']:.4f}), diversity {r['finetuned_diversity']:.3f}",
-        f"[eval] reward gain {r['reward_gain']:+.4f}, win rate {r['win_rate']:.3f}, KL drift from base {r['kl_drift_total']:.4g} nats",
-    ])
+        f"[eval] reward gain {r['reward_gain']:+.4f} (se {r['reward_gain_se']:.3f}), win rate {r['win_rate']:.3f}, "
+        f"KL drift from base {r['kl_drift_total']:.4g} nats",
+    ]
+    if "gain_over_control" in r:
+        lines.append(f"[eval] random-reward control: gain {r['control_reward_gain']:+.4f}; fine-tuned over control "
+                     f"{r['gain_over_control']:+.4f} (se {r['gain_over_control_se']:.3f})")
+    if "real" in r:
+        lines.append("[eval] vs real data ({} images): KID base {:.4f}, fine-tuned {:.4f}; grain real {:.3f}, base {:.3f}, "
+                     "fine-tuned {:.3f}".format(r["real"]["num_images"], r["base"]["kid"], r["finetuned"]["kid"],
+                                                r["real"]["grain"], r["base"]["grain"], r["finetuned"]["grain"]))
+    lines.append(f"[eval] verdict: {r['verdict']}" + "".join(f"\n[eval]   {x}" for x in r["verdict_reasons"]))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.eval", description=__doc__.split("\n")[0]))
     parser.add_argument("--base", default=None, help="base model (default: model.pretrained or the run's pretrained model)")
     parser.add_argument("--finetuned", default=None, help="fine-tuned model (default: {output_dir}/finetuned.pth)")
+    parser.add_argument("--control", default=None,
+                        help="a model fine-tuned with reward.kind: random for the same budget (the random-reward control)")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -218,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
         if not Path(finetuned).exists():
             raise CheckpointError(f"fine-tuned model {finetuned} does not exist; run `python -m ppo_ddpm.finetune` or pass --finetuned")
-        result = evaluate(cfg, cfg.model.pretrained, finetuned)
+        result = evaluate(cfg, cfg.model.pretrained, finetuned, control_path=args.control)
     except (ConfigError, CheckpointError, PipelineError, RewardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

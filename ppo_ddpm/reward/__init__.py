@@ -11,6 +11,7 @@
 - ``classifier``: log p(target_class | x0) of the RewardCNN at ``model_path``
   (``target_class < 0``: the class label of each sample);
 - ``jpeg_compressibility`` / ``jpeg_incompressibility``: -/+ JPEG (q95) size in kB (DDPO);
+- ``random``: N(0, 1) seeded by the image's bytes, the random-reward control;
 - ``plugin``: ``function = "module:function"``.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .builtin import (
     jpeg_compressibility,
     jpeg_incompressibility,
     jpeg_size_kb,
+    random_reward,
     real_vs_fake_log_odds,
     real_vs_fake_log_p_real,
 )
@@ -32,7 +34,7 @@ from .plugin import load_plugin
 __all__ = [
     "CLASS_NAMES", "RewardCNN", "RewardError", "RewardFn", "build_reward", "check_reward",
     "classifier_log_prob", "freeze", "jpeg_compressibility", "jpeg_incompressibility", "jpeg_size_kb",
-    "load_plugin", "load_reward_model", "real_vs_fake_log_odds", "real_vs_fake_log_p_real", "save_reward_model",
+    "load_plugin", "load_reward_model", "random_reward", "real_vs_fake_log_odds", "real_vs_fake_log_p_real", "save_reward_model",
 ]
 
 
@@ -54,6 +56,8 @@ def build_reward(reward_cfg, device: str | torch.device = "cpu") -> RewardFn:
         return RewardFn(jpeg_compressibility, kind)
     if kind == "jpeg_incompressibility":
         return RewardFn(jpeg_incompressibility, kind)
+    if kind == "random":
+        return RewardFn(random_reward, kind)
     if kind == "plugin":
         fn, takes_labels = load_plugin(reward_cfg.function)
         return RewardFn(fn, f"plugin {reward_cfg.function}", pass_labels=takes_labels)
