@@ -38,13 +38,17 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 0  # 0: unconditional
     pretrained: str = ""
+    # what the network outputs (diffusers' name); stored with the weights, read from a diffusers folder
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
 
 
 @dataclass
 class ScheduleConfig:
-    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021)."""
+    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021;
+    scaled_linear: Stable Diffusion's). With a diffusers folder in ``model.pretrained`` the keys not set
+    in the YAML follow its scheduler_config.json (``ppo_ddpm.ddpm.diffusers_scheduler``)."""
 
-    kind: Literal["linear", "cosine"] = "linear"
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -56,9 +60,10 @@ class SamplingConfig:
 
     num_inference_steps: int = 10
     eta: float = 1.0
-    spacing: Literal["leading", "trailing"] = "leading"
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
     clip_x0: Optional[float] = 1.0  # clamp predicted x_0 to [-c, c]; null: off
     set_alpha_to_one: bool = True  # abar_prev of the last step is 1 (else abar_0)
+    steps_offset: int = 0  # added to the ``leading`` timesteps (diffusers' steps_offset)
 
 
 @dataclass
@@ -261,7 +266,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the embedded default when None), then apply ``overrides``."""
+    """Load ``path`` (or the embedded default when None), then apply ``overrides``; with a diffusers folder in
+    ``model.pretrained`` the keys left unset follow its scheduler_config.json (``ddpm.diffusers_scheduler``)."""
     data: dict = {}
     source = "<embedded default>"
     if path is not None:
@@ -278,7 +284,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
-    return config_from_dict(data, source)
+    from .ddpm.diffusers_scheduler import apply_pretrained_scheduler  # a diffusers folder brings its scheduler config
+
+    return apply_pretrained_scheduler(config_from_dict(data, source), data, source)
 
 
 def config_to_dict(cfg: Config) -> dict:

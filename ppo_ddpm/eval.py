@@ -27,10 +27,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import Config, ConfigError, add_config_args, config_from_args
-from .ddpm.ddim import ddim_step_reference, make_ddim_plan
+from .ddpm.ddim import ddim_plan_from_config, ddim_step_reference
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_sample
-from .ddpm.schedules import NoiseSchedule
 from .ppo.rollout import check_sigma_floor
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
@@ -40,7 +39,7 @@ BASE_COLOUR, FT_COLOUR = (60, 110, 200), (230, 120, 40)
 
 
 @torch.no_grad()
-def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator):
+def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator, prediction_type="epsilon"):
     """Sample x_0 from ``ft`` (draws as ``ddim_sample``) -> (x_0 [B,...], KL [n, B] float64).
 
     KL[i, b] = ||mu_ft - mu_base||^2 / (2 s_i^2) with both means taken at the fine-tuned state x_t.
@@ -49,8 +48,9 @@ def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generato
     kl = torch.zeros(plan.num_steps, x_T.shape[0], dtype=torch.float64, device=x_T.device)
     for i in range(plan.num_steps):
         t, *step = plan.step(i, x.shape[0])
-        x_next, mu_ft, _ = ddim_step_reference(x, ft(x, t, class_labels), *step, clip_x0=clip_x0, generator=generator)
-        _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *step, x_prev=x_next, clip_x0=clip_x0)
+        kw = dict(clip_x0=clip_x0, prediction_type=prediction_type)
+        x_next, mu_ft, _ = ddim_step_reference(x, ft(x, t, class_labels), *step, generator=generator, **kw)
+        _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *step, x_prev=x_next, **kw)
         kl[i] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)
         x = x_next
     return x, kl
@@ -126,8 +126,7 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     ft = load_model(finetuned_path, cfg.model).to(device).eval()
     reward_fn = build_reward(cfg.reward, device)
     sc = cfg.sampling
-    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, sc.num_inference_steps, sc.eta,
-                          sc.spacing, sc.set_alpha_to_one).to(device)
+    plan = ddim_plan_from_config(cfg).to(device)
     check_sigma_floor(plan, cfg.ppo.sigma_floor)  # the KL drift needs s_t = max(sigma_t, sigma_floor) > 0
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
@@ -139,9 +138,10 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
         labels = (torch.randint(cfg.model.num_classes, (B,), generator=gen, device=device)
                   if cfg.model.num_classes > 0 else None)
         noise_state = gen.get_state()
-        x_b = ddim_sample(base, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
+        pred = cfg.model.prediction_type
+        x_b = ddim_sample(base, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen, prediction_type=pred)
         gen.set_state(noise_state)
-        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen)
+        x_f, kl = finetuned_trajectory(ft, base, plan, x_T, labels, sc.clip_x0, s, gen, prediction_type=pred)
         xs_b.append(x_b.float().cpu())
         xs_f.append(x_f.float().cpu())
         rs_b.append(reward_fn(x_b, labels).double().cpu())

@@ -1,7 +1,8 @@
-"""Epsilon-prediction DDPM pretraining (Ho et al. 2020, Algorithm 1).
+"""DDPM pretraining (Ho et al. 2020, Algorithm 1), for every ``model.prediction_type``.
 
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-    L = || eps - eps_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    L = || target - f_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    target = eps (epsilon), x_0 (sample) or sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (v_prediction),
     EMA theta' <- d_k theta' + (1 - d_k) theta with d_k = min(ema_decay, (1 + k) / (10 + k)).
 
 Data: the images of ``data.root/real`` (or ``data.root``); with ``data.root`` empty a procedural
@@ -92,7 +93,8 @@ def pretrain(cfg: Config) -> Path:
         y = labels[idx].to(device) if labels is not None else None
         t = torch.randint(schedule.num_train_timesteps, (pc.batch_size,), device=device)
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), eps)
+        target = schedule.training_target(cfg.model.prediction_type, x0, t, eps)
+        loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

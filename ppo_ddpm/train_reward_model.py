@@ -105,10 +105,9 @@ def _fake_folder(cfg: Config) -> tuple[Path, bool]:
 
 def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
     """Write ``reward.num_fake`` DDIM samples of the model at ``model.pretrained`` to ``folder/fake_*.png``."""
-    from .ddpm.ddim import make_ddim_plan
+    from .ddpm.ddim import ddim_plan_from_config
     from .ddpm.model import build_model
     from .ddpm.sample import ddim_sample
-    from .ddpm.schedules import NoiseSchedule
 
     if not cfg.model.pretrained:
         raise ConfigError(
@@ -117,8 +116,7 @@ def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
         )
     model = build_model(cfg.model).to(device)
     s = cfg.sampling
-    plan = make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta,
-                          s.spacing, s.set_alpha_to_one).to(device)
+    plan = ddim_plan_from_config(cfg).to(device)
     g = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
     if folder.is_dir():
         for old in folder.glob("fake_*.png"):
@@ -131,7 +129,7 @@ def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
         labels = None
         if cfg.model.num_classes > 0:
             labels = torch.randint(cfg.model.num_classes, (b,), generator=g, device=device)
-        x0 = ddim_sample(model, plan, x_T, labels, clip_x0=s.clip_x0, generator=g)
+        x0 = ddim_sample(model, plan, x_T, labels, clip_x0=s.clip_x0, generator=g, prediction_type=cfg.model.prediction_type)
         save_images(x0, folder, "fake", start=start)
     (folder.parent / FAKE_MANIFEST).write_text(json.dumps({"pretrained": cfg.model.pretrained, "count": n, "seed": cfg.seed}))
     return folder

@@ -116,7 +116,7 @@ class RolloutNoise:
 
 
 def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise: Callable[[int], torch.Tensor], ops,
-                 *, clip_x0, sigma_floor: float) -> None:
+                 *, clip_x0, sigma_floor: float, prediction_type: str = "epsilon") -> None:
     """Fill ``cache`` states 0..n and log-probs 0..n-1 (formulas in the module docstring).
 
     ``step_noise(i)`` gives z_i [B, C, H, W] (drawn in place into one buffer, or read from explicit
@@ -128,16 +128,18 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
     for i in range(plan.num_steps):
         t, *coefs = plan.step(i, B)
         eps = policy(x, t, noise.labels)
-        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=step_noise(i), clip_x0=clip_x0, sigma_floor=sigma_floor)
+        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=step_noise(i), clip_x0=clip_x0, sigma_floor=sigma_floor,
+                                     prediction_type=prediction_type)
         cache.record_state(i + 1, x_next)
         action = cache.state(i + 1).to(dtype)
-        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor,
+                                       prediction_type=prediction_type)
         cache.record_logprob(i, log_prob)
         x = action
 
 
 def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, first_step: int, out: torch.Tensor, ops,
-               *, clip_x0, sigma_floor: float, dtype: torch.dtype) -> torch.Tensor:
+               *, clip_x0, sigma_floor: float, dtype: torch.dtype, prediction_type: str = "epsilon") -> torch.Tensor:
     """No-grad ratio pass: out[j, b] = logp_theta(x_{i+1} | x_i) - logp_old[i], i = first_step + j, for the
     samples ``rows`` [m] (raw per-step log r, unclipped). ``out``: [n - first_step, m]. Capturable."""
     m = rows.shape[0]
@@ -146,7 +148,8 @@ def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, first_
         action = cache.state(i + 1).index_select(0, rows).to(dtype)
         t, *coefs = plan.step(i, m)
         eps = policy(x, t, labels)
-        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor,
+                                       prediction_type=prediction_type)
         out[j].copy_(log_prob - cache.log_probs[i].index_select(0, rows))
     return out
 

@@ -41,8 +41,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..ddpm.ddim import make_ddim_plan
-from ..ddpm.schedules import NoiseSchedule
+from ..ddpm.ddim import ddim_plan_from_config
 from ..reward import check_reward
 from ..rollout_cache import GroupStatTracker, RolloutCache
 from . import distributed as D
@@ -78,9 +77,7 @@ class PPOTrainer:
         self.policy = policy.to(self.device).eval()
         self.dtype = next(self.policy.parameters()).dtype
         self.reward_fn = reward_fn
-        s = cfg.sampling
-        schedule = NoiseSchedule.from_config(cfg.schedule)
-        plan = make_ddim_plan(schedule.alphas_cumprod, s.num_inference_steps, s.eta, s.spacing, s.set_alpha_to_one)
+        plan = ddim_plan_from_config(cfg)
         check_sigma_floor(plan, p.sigma_floor)
         self.plan = plan.to(self.device)
         self.n = plan.num_steps
@@ -127,7 +124,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ pass 1
 
     def _kw(self) -> dict:
-        return dict(clip_x0=self.cfg.sampling.clip_x0, sigma_floor=self.pcfg.sigma_floor)
+        return dict(clip_x0=self.cfg.sampling.clip_x0, sigma_floor=self.pcfg.sigma_floor,
+                    prediction_type=self.cfg.model.prediction_type)
 
     def _labels(self, cache, rows: Optional[torch.Tensor] = None):
         if self.num_classes == 0:
