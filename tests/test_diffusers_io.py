@@ -191,7 +191,7 @@ def test_a_diffusers_backed_model_exports_its_own_weights(tmp_path):
 def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     cfg = _cfg_for(EXPORTABLE, "epsilon", tmp_path)
     path = save_model(_random_unet(cfg.model), tmp_path / "m.pth", cfg.model)
-    args = [f"model.sample_size=8", "model.base_channels=32", "model.attention_resolutions=[4]"]
+    args = ["model.sample_size=8", "model.base_channels=32", "model.attention_resolutions=[4]"]
     argv = [x for a in args for x in ("--set", a)] + ["--model", str(path), "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     before = (tmp_path / "o" / "unet" / "config.json").read_text()
