@@ -87,19 +87,38 @@ class PretrainConfig:
     log_every: int = 50
 
 
+RewardKind = Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "plugin"]
+
+
+@dataclass
+class RewardTermConfig:
+    """One term of ``reward.terms``: ``weight`` times the reward ``kind`` (keys as in RewardConfig;
+    an empty ``model_path`` uses ``reward.model_path``; ``name`` is the log name, default the kind)."""
+
+    kind: RewardKind = "model"
+    weight: float = 1.0
+    model_path: str = ""
+    target_class: int = 1
+    function: str = ""
+    name: str = ""
+
+
 @dataclass
 class RewardConfig:
     """The frozen reward scoring x_0.
 
     kind: ``model`` (a trained real-vs-fake CNN at ``model_path``), ``jpeg_compressibility``,
-    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of the CNN at
-    ``model_path``) or ``plugin`` (``function`` = ``module:function``).
+    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of a CNN trained on the
+    class folders ``data.root/<class>/`` at ``model_path``) or ``plugin`` (``function`` = ``module:function``).
+    ``terms`` non-empty: the reward is sum_k weight_k r_k of its terms instead (``kind``,
+    ``target_class`` and ``function`` are then not used), each term logged on its own.
     """
 
-    kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "plugin"] = "model"
+    kind: RewardKind = "model"
     model_path: str = ""
     target_class: int = 1
     function: str = ""
+    terms: list[RewardTermConfig] = field(default_factory=list)
     # reward-model training (python -m ppo_ddpm.train_reward_model)
     hidden_channels: int = 16
     train_steps: int = 300

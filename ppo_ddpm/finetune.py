@@ -295,6 +295,8 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
         for it in bar:
             stats = trainer.step(it)
             logger.log(it, stats)
+            if not stats["skipped"]:
+                logger.histograms(it, trainer.cache.rewards, trainer.cache.advantages)
             bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl_k3', float('nan')):.2e}")
             if cfg.logging.sample_every > 0 and (it + 1) % cfg.logging.sample_every == 0:
                 logger.grid(it, trainer.sample(grid_noise, cfg.seed))
