@@ -202,3 +202,14 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
     assert main(["--model", str(tmp_path / "missing.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_configs_diffusers_yaml_follows_the_folder(pipeline_folder):
+    """configs/diffusers.yaml leaves every scheduler key to the folder (the README's path)."""
+    from pathlib import Path
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "diffusers.yaml"
+    cfg = load_config(yaml_path, [f"model.pretrained={pipeline_folder}", "model.sample_size=8"])
+    assert (cfg.schedule.kind, cfg.schedule.num_train_timesteps, cfg.model.prediction_type) == ("scaled_linear", 500, "v_prediction")
+    assert (cfg.sampling.clip_x0, cfg.sampling.set_alpha_to_one, cfg.sampling.steps_offset) == (None, False, 1)
+    assert cfg.sampling.num_inference_steps == 50 and cfg.reward.kind == "jpeg_compressibility"
