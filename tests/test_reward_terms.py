@@ -130,7 +130,13 @@ def test_classifier_trained_on_class_folders_is_the_classifier_reward(tmp_path, 
         assert r.shape == (2,) and bool((r <= 0).all())  # log-probabilities
         if target == 1:
             assert r.mean() > -0.5  # a bright image is class "1"
-    assert (tmp_path / "run" / "tb").is_dir()  # loss / accuracy curves
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    loss, accs = ea.Scalars("reward_model/loss"), ea.Scalars("reward_model/held_out_accuracy")
+    assert [e.step for e in loss] == [e.step for e in accs] == list(range(2, 41, 2))  # 20 points of 40 steps
+    assert accs[-1].value == pytest.approx(acc) and loss[-1].value < loss[0].value
 
 
 def test_classifier_needs_class_folders(tmp_path):
