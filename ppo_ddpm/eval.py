@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import Config, ConfigError, add_config_args, config_from_args
-from .ddpm.ddim import ddim_plan_from_config, ddim_step_reference
+from .ddpm.ddim import DDIMPlan, ddim_step_reference
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_sample
 from .plots import BASE_COLOUR, FT_COLOUR, per_step_figure, reward_curve, reward_histogram, save_figure, upscale
@@ -93,7 +93,7 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
     ft = load_model(finetuned_path, cfg.model).to(device).eval()
     reward_fn = build_reward(cfg.reward, device)
     sc = cfg.sampling
-    plan = ddim_plan_from_config(cfg).to(device)
+    plan = DDIMPlan.from_config(cfg).to(device)
     check_sigma_floor(plan, cfg.ppo.sigma_floor)  # the KL drift needs s_t = max(sigma_t, sigma_floor) > 0
     s = plan.sigma.clamp_min(cfg.ppo.sigma_floor)
     shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)

@@ -127,7 +127,7 @@ def _fake_folder(cfg: Config) -> tuple[Path, bool]:
 
 def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
     """Write ``reward.num_fake`` DDIM samples of the model at ``model.pretrained`` to ``folder/fake_*.png``."""
-    from .ddpm.ddim import ddim_plan_from_config
+    from .ddpm.ddim import DDIMPlan
     from .ddpm.model import build_model
     from .ddpm.sample import ddim_sample
 
@@ -138,7 +138,7 @@ def sample_fakes(cfg: Config, folder: Path, device: torch.device) -> Path:
         )
     model = build_model(cfg.model).to(device)
     s = cfg.sampling
-    plan = ddim_plan_from_config(cfg).to(device)
+    plan = DDIMPlan.from_config(cfg).to(device)
     g = torch.Generator(device).manual_seed(cfg.seed + 1_000_003)
     if folder.is_dir():
         for old in folder.glob("fake_*.png"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ppo_ddpm.config import ConfigError, ModelConfig, load_config
-from ppo_ddpm.ddpm.ddim import ddim_plan_from_config
+from ppo_ddpm.ddpm.ddim import DDIMPlan
 from ppo_ddpm.ddpm.model import build_model, load_model, save_model
 from ppo_ddpm.ddpm.sample import ddim_sample
 from ppo_ddpm.ddpm.unet import UNet
@@ -60,7 +60,7 @@ def test_scheduler_config_is_followed_when_the_yaml_is_silent(pipeline_folder, t
     # the plan equals the one diffusers' scheduler makes, step by step
     ref = diffusers.DDIMScheduler.from_pretrained(pipeline_folder, subfolder="scheduler")
     ref.set_timesteps(cfg.sampling.num_inference_steps)
-    plan = ddim_plan_from_config(cfg)
+    plan = DDIMPlan.from_config(cfg)
     assert torch.equal(plan.timesteps, ref.timesteps)
     torch.testing.assert_close(plan.abar_t, ref.alphas_cumprod[ref.timesteps].float(), atol=1e-6, rtol=0)
     assert isinstance(build_model(cfg.model), torch.nn.Module)
@@ -156,7 +156,7 @@ def test_exported_folder_samples_like_our_ddim_loop(tmp_path, prediction_type):
     got = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=1.0, num_inference_steps=5, output_type="np").images
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(2, 3, 8, 8, generator=g)
-    ours = ddim_sample(model, ddim_plan_from_config(cfg), x_T, clip_x0=cfg.sampling.clip_x0, generator=g,
+    ours = ddim_sample(model, DDIMPlan.from_config(cfg), x_T, clip_x0=cfg.sampling.clip_x0, generator=g,
                        prediction_type=prediction_type)
     want = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(want - 0.5).max() > 0.05  # not a flat image

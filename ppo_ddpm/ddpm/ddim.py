@@ -98,6 +98,15 @@ class DDIMPlan:
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
 
+    @classmethod
+    def from_config(cls, cfg) -> "DDIMPlan":
+        """The plan of a run's :class:`~ppo_ddpm.config.Config`: its ``schedule`` and ``sampling`` sections (CPU)."""
+        from .schedules import NoiseSchedule
+
+        s = cfg.sampling
+        return make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta, s.spacing,
+                              s.set_alpha_to_one, s.steps_offset)
+
     def step(self, i, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, abar_t, abar_prev, sigma) of step ``i`` (an int, or an index tensor [batch] for one step
         per sample), each expanded to [batch]: per-sample inputs of the model and the DDIM step."""
@@ -194,11 +203,3 @@ def ddim_step_reference(
     log_prob = gaussian_log_prob(x_prev32, mean, s, reduction)
     return x_prev32.to(x_t.dtype), mean.to(x_t.dtype), log_prob
 
-
-def ddim_plan_from_config(cfg) -> DDIMPlan:
-    """The DDIM plan of a :class:`~ppo_ddpm.config.Config`: its ``schedule`` and ``sampling`` sections (CPU)."""
-    from .schedules import NoiseSchedule
-
-    s = cfg.sampling
-    return make_ddim_plan(NoiseSchedule.from_config(cfg.schedule).alphas_cumprod, s.num_inference_steps, s.eta, s.spacing,
-                          s.set_alpha_to_one, s.steps_offset)

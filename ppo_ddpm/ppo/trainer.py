@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..ddpm.ddim import ddim_plan_from_config
+from ..ddpm.ddim import DDIMPlan
 from ..reward import check_reward, reward_step, term_means
 from ..rollout_cache import GroupStatTracker, RolloutCache
 from . import distributed as D
@@ -77,7 +77,7 @@ class PPOTrainer:
         self.policy = policy.to(self.device).eval()
         self.dtype = next(self.policy.parameters()).dtype
         self.reward_fn = reward_fn
-        plan = ddim_plan_from_config(cfg)
+        plan = DDIMPlan.from_config(cfg)
         check_sigma_floor(plan, p.sigma_floor)
         self.plan = plan.to(self.device)
         self.n = plan.num_steps
