@@ -38,13 +38,17 @@ class ModelConfig:
     dropout: float = 0.0
     num_classes: int = 0  # 0: unconditional
     pretrained: str = ""
+    # what the network outputs (diffusers' name); stored with the weights, read from a diffusers folder
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
 
 
 @dataclass
 class ScheduleConfig:
-    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021)."""
+    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021;
+    scaled_linear: Stable Diffusion's). With a diffusers folder in ``model.pretrained`` the keys not set
+    in the YAML follow its scheduler_config.json (``ppo_ddpm.ddpm.diffusers_scheduler``)."""
 
-    kind: Literal["linear", "cosine"] = "linear"
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -56,9 +60,10 @@ class SamplingConfig:
 
     num_inference_steps: int = 10
     eta: float = 1.0
-    spacing: Literal["leading", "trailing"] = "leading"
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
     clip_x0: Optional[float] = 1.0  # clamp predicted x_0 to [-c, c]; null: off
     set_alpha_to_one: bool = True  # abar_prev of the last step is 1 (else abar_0)
+    steps_offset: int = 0  # added to the ``leading`` timesteps (diffusers' steps_offset)
 
 
 @dataclass
@@ -82,20 +87,42 @@ class PretrainConfig:
     log_every: int = 50
 
 
+RewardKind = Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "random", "plugin"]
+ModelOutput = Literal["log_odds", "log_p_real"]
+
+
+@dataclass
+class RewardTermConfig:
+    """One term of ``reward.terms``: ``weight`` times the reward ``kind`` (keys as in RewardConfig;
+    an empty ``model_path`` uses ``reward.model_path``; ``name`` is the log name, default the kind)."""
+
+    kind: RewardKind = "model"
+    weight: float = 1.0
+    model_path: str = ""
+    model_output: ModelOutput = "log_odds"
+    target_class: int = 1
+    function: str = ""
+    name: str = ""
+
+
 @dataclass
 class RewardConfig:
     """The frozen reward scoring x_0.
 
     kind: ``model`` (a trained real-vs-fake CNN at ``model_path``), ``jpeg_compressibility``,
-    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of the CNN at
-    ``model_path``), ``random`` (the random-reward control) or ``plugin`` (``function`` = ``module:function``).
+    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of a CNN trained on the
+    class folders ``data.root/<class>/`` at ``model_path``), ``random`` (the random-reward control) or
+    ``plugin`` (``function`` = ``module:function``).
+    ``terms`` non-empty: the reward is sum_k weight_k r_k of its terms instead (``kind``,
+    ``target_class`` and ``function`` are then not used), each term logged on its own.
     """
 
-    kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "random", "plugin"] = "model"
+    kind: RewardKind = "model"
     model_path: str = ""
-    model_output: Literal["log_odds", "log_p_real"] = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
+    model_output: ModelOutput = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
     target_class: int = 1
     function: str = ""
+    terms: list[RewardTermConfig] = field(default_factory=list)
     # reward-model training (python -m ppo_ddpm.train_reward_model)
     hidden_channels: int = 16
     train_steps: int = 300
@@ -270,7 +297,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (or the embedded default when None), then apply ``overrides``."""
+    """Load ``path`` (or the embedded default when None), then apply ``overrides``; with a diffusers folder in
+    ``model.pretrained`` the keys left unset follow its scheduler_config.json (``ddpm.diffusers_scheduler``)."""
     data: dict = {}
     source = "<embedded default>"
     if path is not None:
@@ -287,7 +315,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
-    return config_from_dict(data, source)
+    from .ddpm.diffusers_scheduler import apply_pretrained_scheduler  # a diffusers folder brings its scheduler config
+
+    return apply_pretrained_scheduler(config_from_dict(data, source), data, source)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -12,8 +12,10 @@ Reported (``{output_dir}/eval/eval.json``, TensorBoard under ``{output_dir}/tb``
   distributions, given the same x_T; deterministic steps are the environment's and carry none);
 - diversity = mean pairwise L2 distance ||x0_i - x0_j|| over the samples of one model.
 
-Images: ``side_by_side.png`` (base | fine-tuned, same noise in the same grid cell) and
-``reward_hist.png``. Defaults: base = ``model.pretrained`` (or the run's pretrained model from
+Images: ``side_by_side.png`` (base | fine-tuned, same noise in the same grid cell), and drawn with
+matplotlib ``reward_hist.png``, ``kl_per_step.png`` (KL_t against t) and, after a PPO run,
+``reward_curve.png`` (reward over iterations, from metrics.jsonl); all of them on one page in
+``report.html`` / ``report.png`` (``ppo_ddpm.report``). Defaults: base = ``model.pretrained`` (or the run's pretrained model from
 pipeline.json), fine-tuned = ``{output_dir}/finetuned.pth``.
 """
 from __future__ import annotations
@@ -31,17 +33,17 @@ from .config import Config, ConfigError, add_config_args, config_from_args
 from .ddpm.ddim import DDIMPlan, ddim_step_reference
 from .ddpm.model import load_model
 from .ddpm.sample import ddim_loop, ddim_sample
+from .plots import BASE_COLOUR, FT_COLOUR, per_step_figure, reward_curve, reward_histogram, save_figure, upscale
 from .ppo.rollout import check_policy_steps
 from .quality import mean_pairwise_distance
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
 
 GRID = 16  # samples shown per model in side_by_side.png
-BASE_COLOUR, FT_COLOUR = (60, 110, 200), (230, 120, 40)
 
 
 @torch.no_grad()
-def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator, steps: list[int]):
+def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generator, steps: list[int], prediction_type="epsilon"):
     """Sample x_0 from ``ft`` (draws as ``ddim_sample``) -> (x_0 [B,...], KL [len(steps), B] float64).
 
     KL[j, b] = ||mu_ft - mu_base||^2 / (2 s_i^2) at the policy step i = steps[j], both means taken at
@@ -49,29 +51,24 @@ def finetuned_trajectory(ft, base, plan, x_T, class_labels, clip_x0, s, generato
     """
     kl = torch.zeros(len(steps), x_T.shape[0], dtype=torch.float64, device=x_T.device)
     row = {i: j for j, i in enumerate(steps)}
+    kw = dict(clip_x0=clip_x0, prediction_type=prediction_type)
 
     def visit(i, x, x_next, mu_ft, _log_prob):
         if i in row:
             t, *coefs = plan.step(i, x.shape[0])
-            _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *coefs, x_prev=x_next, clip_x0=clip_x0)
+            _, mu_base, _ = ddim_step_reference(x, base(x, t, class_labels), *coefs, x_prev=x_next, **kw)
             kl[row[i]] = (mu_ft.double() - mu_base.double()).pow(2).flatten(1).sum(1) / (2 * s[i].double() ** 2)
 
     draw = lambda i: torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)  # noqa: E731
-    return ddim_loop(ft, plan, x_T, class_labels, noise=draw, clip_x0=clip_x0, visit=visit), kl
+    return ddim_loop(ft, plan, x_T, class_labels, noise=draw, visit=visit, **kw), kl
 
 
-def _upscaled_grid(x: torch.Tensor, width: int = 256) -> Image.Image:
-    """``make_grid`` of x (4 per row), upscaled by the integer factor that brings it near ``width`` px."""
+def side_by_side(x_base: torch.Tensor, x_ft: torch.Tensor, path: Path) -> tuple[Path, np.ndarray]:
+    """PNG of the base grid (left) and the fine-tuned grid (right), each >= 256 px across and labelled
+    -> (path, the image as uint8 [H, W, 3])."""
     from .data import make_grid
 
-    im = Image.fromarray(make_grid(x, nrow=4), "RGB")
-    k = max(1, width // im.width)
-    return im.resize((im.width * k, im.height * k), Image.NEAREST)
-
-
-def side_by_side(x_base: torch.Tensor, x_ft: torch.Tensor, path: Path) -> Path:
-    """PNG: the base grid (left) and the fine-tuned grid (right), labelled."""
-    a, b = _upscaled_grid(x_base), _upscaled_grid(x_ft)
+    a, b = (Image.fromarray(upscale(make_grid(x, nrow=4), 256), "RGB") for x in (x_base, x_ft))
     pad, head = 12, 18
     im = Image.new("RGB", (a.width + b.width + 3 * pad, max(a.height, b.height) + head + pad), "white")
     im.paste(a, (pad, head))
@@ -80,36 +77,7 @@ def side_by_side(x_base: torch.Tensor, x_ft: torch.Tensor, path: Path) -> Path:
     draw.text((pad, 3), "base", fill=BASE_COLOUR)
     draw.text((2 * pad + a.width, 3), "fine-tuned", fill=FT_COLOUR)
     im.save(path)
-    return path
-
-
-def reward_histogram(r_base: np.ndarray, r_ft: np.ndarray, path: Path, bins: int = 20) -> Path:
-    """PNG: reward histograms of both models on shared bins (base left bar, fine-tuned right bar)."""
-    W, H, m = 480, 300, 36
-    lo, hi = float(min(r_base.min(), r_ft.min())), float(max(r_base.max(), r_ft.max()))
-    hi = hi if hi > lo else lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    hb, hf = np.histogram(r_base, edges)[0], np.histogram(r_ft, edges)[0]
-    top = max(hb.max(), hf.max(), 1)
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    x0, y0, pw, ph = m, H - m, W - 2 * m, H - 2 * m
-    bw = pw / bins
-    for i in range(bins):
-        for j, (h, colour) in enumerate(((hb[i], BASE_COLOUR), (hf[i], FT_COLOUR))):
-            if h:
-                left = x0 + i * bw + j * bw / 2
-                d.rectangle([left, y0 - ph * h / top, left + bw / 2 - 1, y0], fill=colour)
-    d.line([x0, y0, x0 + pw, y0], fill="black")
-    d.line([x0, y0, x0, y0 - ph], fill="black")
-    d.text((x0, y0 + 6), f"{lo:.3g}", fill="black")
-    d.text((x0 + pw - 40, y0 + 6), f"{hi:.3g}", fill="black")
-    d.text((4, y0 - ph - 14), f"count (max {top})", fill="black")
-    d.text((x0 + 60, 6), f"base mean {r_base.mean():.4g}", fill=BASE_COLOUR)
-    d.text((x0 + 240, 6), f"fine-tuned mean {r_ft.mean():.4g}", fill=FT_COLOUR)
-    d.text((x0 + pw // 2 - 20, y0 + 6), "reward", fill="black")
-    im.save(path)
-    return path
+    return path, np.asarray(im)
 
 
 def real_images(cfg: Config, limit: int = 1024) -> torch.Tensor | None:
@@ -186,13 +154,14 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
         labels = (torch.randint(cfg.model.num_classes, (B,), generator=gen, device=device)
                   if cfg.model.num_classes > 0 else None)
         noise_state = gen.get_state()
+        pred = cfg.model.prediction_type
         for name, model in models.items():
             gen.set_state(noise_state)  # every model consumes the identical draws
             if name == "finetuned":
-                x, kl = finetuned_trajectory(model, models["base"], plan, x_T, labels, sc.clip_x0, s, gen, steps)
+                x, kl = finetuned_trajectory(model, models["base"], plan, x_T, labels, sc.clip_x0, s, gen, steps, pred)
                 kls.append(kl.cpu())
             else:
-                x = ddim_sample(model, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen)
+                x = ddim_sample(model, plan, x_T, labels, clip_x0=sc.clip_x0, generator=gen, prediction_type=pred)
             xs[name].append(x.float().cpu())
             rs[name].append(reward_fn(x, labels).double().cpu())
     x = {k: torch.cat(v) for k, v in xs.items()}
@@ -231,26 +200,40 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
 
 
 def _write_artefacts(cfg: Config, result: dict, x_b: torch.Tensor, x_f: torch.Tensor, step: int | None) -> None:
+    """eval.json and the figures of ``{output_dir}/eval`` (module docstring), report.html / report.png, and
+    TensorBoard: scalars, reward histograms, and the figures as image arrays (tag ``eval/``)."""
+    from .report import read_metrics, write_report
+
     out = Path(cfg.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    grid = side_by_side(x_b[:GRID], x_f[:GRID], out / "side_by_side.png")
-    hist = reward_histogram(np.array(result["base_rewards"]), np.array(result["finetuned_rewards"]), out / "reward_hist.png")
+    images = {"side_by_side": side_by_side(x_b[:GRID], x_f[:GRID], out / "side_by_side.png")[1]}
+    figures = {
+        "reward_hist": reward_histogram(result["base_rewards"], result["finetuned_rewards"]),
+        "kl_per_step": per_step_figure(result["timesteps"], result["kl_drift_per_step"], "KL_t (nats)",
+                                       "KL drift from the base model, per DDIM step"),
+    }
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    if rows:
+        figures["reward_curve"] = reward_curve(rows)
+    for name, fig in figures.items():
+        images[name] = save_figure(fig, out / f"{name}.png")[1]
     atomic_write_text(json.dumps(result, indent=2), out / "eval.json")
+    write_report(out, result, rows)
     if not cfg.logging.tensorboard:
         return
-    from torch.utils.tensorboard import SummaryWriter
+    from .run_logger import tensorboard_writer
 
     step = cfg.ppo.iterations if step is None else step
-    with SummaryWriter(str(Path(cfg.output_dir) / "tb")) as w:
+    with tensorboard_writer(cfg) as w:
         for k, v in result.items():
             if isinstance(v, float):
                 w.add_scalar(f"eval/{k}", v, step)
-        for i, v in enumerate(result["kl_drift_per_step"]):
-            w.add_scalar("eval/kl_drift_by_step", v, i)
-        w.add_histogram("eval/base_rewards", np.array(result["base_rewards"]), step)
-        w.add_histogram("eval/finetuned_rewards", np.array(result["finetuned_rewards"]), step)
-        for tag, path in (("eval/side_by_side", grid), ("eval/reward_hist", hist)):
-            w.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        for tag in ("base_rewards", "finetuned_rewards"):
+            v = np.asarray(result[tag], dtype=np.float64)
+            if np.isfinite(v).any():
+                w.add_histogram(f"eval/{tag}", v[np.isfinite(v)], step)
+        for name, image in images.items():
+            w.add_image(f"eval/{name}", image, step, dataformats="HWC")
 
 
 def format_summary(r: dict) -> str:
@@ -284,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a model fine-tuned with reward.kind: random for the same budget (the random-reward control)")
     args = parser.parse_args(argv)
     try:
+        if args.base is not None:  # as an override, so a diffusers folder brings its scheduler config
+            args.overrides = [*args.overrides, f"model.pretrained={json.dumps(args.base)}"]
         cfg = config_from_args(args)
-        if args.base is not None:
-            cfg.model.pretrained = args.base
         cfg = prepare(cfg, run=False, stages=("pretrain", "reward"))
         finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
         if not Path(finetuned).exists():
@@ -296,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_summary(result))
-    print(f"[eval] wrote {Path(cfg.output_dir) / 'eval'}/eval.json, side_by_side.png, reward_hist.png")
+    print(f"[eval] wrote {Path(cfg.output_dir) / 'eval'}/eval.json, report.html, report.png and the figures")
     return 0
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError, add_config_args, config_from_args, config_from_dict, config_to_dict
 from .pipeline import PipelineError, prepare, read_record
+from .run_logger import RunLogger
 from .utils import resolve_device, set_seed
 from .utils.checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
 
@@ -202,54 +203,6 @@ def truncate_metrics(path: Path, iterations: int) -> None:
     atomic_write_text("".join(f"{line}\n" for line in kept), path)
 
 
-# --------------------------------------------------------------------------- logging
-
-
-class RunLogger:
-    """Rank-0 sinks of one run: metrics.jsonl, TensorBoard scalars and sample grids."""
-
-    def __init__(self, cfg: Config, start: int, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled
-        self.out = Path(cfg.output_dir)
-        self.writer = None
-        if not enabled:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.out / "metrics.jsonl", "a")
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=start)
-
-    def log(self, iteration: int, stats: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"iteration": iteration, **{k: float(v) for k, v in stats.items()}}
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-        if self.writer is not None and (iteration + 1) % max(1, self.cfg.logging.log_every) == 0:
-            for k, v in row.items():
-                if k != "iteration":
-                    self.writer.add_scalar(f"ppo/{k}", v, iteration)
-
-    def grid(self, iteration: int, x0: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        from PIL import Image
-
-        from .data import save_grid
-
-        path = save_grid(x0.float().cpu(), self.out / "samples" / f"iter_{iteration + 1:06d}.png", nrow=4)
-        if self.writer is not None:
-            self.writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), iteration, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.metrics.close()
-            if self.writer is not None:
-                self.writer.close()
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -342,6 +295,8 @@ def finetune(cfg: Config, resume: str | None = None, argv: list[str] | None = No
         for it in bar:
             stats = trainer.step(it)
             logger.log(it, stats)
+            if not stats["skipped"]:
+                logger.histograms(it, trainer.cache.rewards, trainer.cache.advantages)
             bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl', float('nan')):.2e}")
             if cfg.logging.sample_every > 0 and (it + 1) % cfg.logging.sample_every == 0:
                 logger.grid(it, trainer.sample(grid_noise, cfg.seed))

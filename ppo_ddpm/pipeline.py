@@ -1,8 +1,8 @@
 """The embedded pipeline before PPO: procedural data -> pretrained DDPM -> reward model.
 
 Each stage runs only when the config leaves its output empty (``model.pretrained``,
-``reward.model_path`` with ``reward.kind: model``; ``data.root`` when one of those two runs). What a stage made is
-recorded in ``{output_dir}/pipeline.json`` (path and wall time); a stage whose recorded output
+``reward.model_path`` when the reward needs a trained model; ``data.root`` when one of those two
+runs). What a stage made is recorded in ``{output_dir}/pipeline.json`` (path and wall time); a stage whose recorded output
 still exists is skipped, so a resumed run does not redo it.
 
     cfg = prepare(cfg)            # runs the missing stages, returns cfg with the paths filled in
@@ -66,7 +66,9 @@ def _needs_pretrain(cfg: Config) -> bool:
 
 
 def _needs_reward(cfg: Config) -> bool:
-    return cfg.reward.kind == "model" and cfg.reward.model_path == ""
+    from .reward import trained_model_kind  # "model" (real-vs-fake CNN) or "classifier" (class folders)
+
+    return trained_model_kind(cfg.reward) is not None
 
 
 STAGES = (

@@ -1,13 +1,15 @@
-"""Epsilon-prediction DDPM pretraining (Ho et al. 2020, Algorithm 1).
+"""DDPM pretraining (Ho et al. 2020, Algorithm 1), for every ``model.prediction_type``.
 
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-    L = || eps - eps_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    L = || target - f_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    target = eps (epsilon), x_0 (sample) or sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (v_prediction),
     EMA theta' <- d_k theta' + (1 - d_k) theta with d_k = min(ema_decay, (1 + k) / (10 + k)).
 
 Data: the images of ``data.root/real`` (or ``data.root``); with ``data.root`` empty a procedural
 dataset under ``{output_dir}/data``. Class-conditional models (``model.num_classes > 0``) read class c
 from the sub-folder ``<folder>/<c>/``. Writes the EMA weights to ``{output_dir}/ddpm.pth`` (or
-``.safetensors`` + ``.json``) and the loss summary to ``{output_dir}/pretrain_metrics.json``.
+``.safetensors`` + ``.json``), the loss summary to ``{output_dir}/pretrain_metrics.json`` and the loss
+curve to TensorBoard (``{output_dir}/tb``, tag ``pretrain/loss``).
 
     python -m ppo_ddpm.pretrain --cfg configs/smoke.yaml --set pretrain.steps=200
 """
@@ -29,6 +31,7 @@ from .config import Config, ConfigError, add_config_args, config_from_args
 from .data import DataError, load_images, make_procedural_dataset
 from .ddpm.model import build_model, save_model
 from .ddpm.schedules import NoiseSchedule
+from .run_logger import tensorboard_writer
 from .utils import resolve_device, set_seed
 from .utils.checkpoint import CheckpointError, atomic_write_text
 
@@ -84,6 +87,7 @@ def pretrain(cfg: Config) -> Path:
     log.info("pretraining on %d images %s, %d steps of %d, device %s", len(images), tuple(images.shape[1:]), pc.steps, pc.batch_size, device)
 
     losses = torch.zeros(pc.steps, device=device)
+    writer = tensorboard_writer(cfg)
     start = time.perf_counter()
     bar = tqdm(range(pc.steps), desc="pretrain", dynamic_ncols=True)
     for k in bar:
@@ -92,15 +96,21 @@ def pretrain(cfg: Config) -> Path:
         y = labels[idx].to(device) if labels is not None else None
         t = torch.randint(schedule.num_train_timesteps, (pc.batch_size,), device=device)
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), eps)
+        target = schedule.training_target(cfg.model.prediction_type, x0, t, eps)
+        loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema_update(ema, model, min(pc.ema_decay, (1 + k) / (10 + k)))
         losses[k] = loss.detach()
         if (k + 1) % pc.log_every == 0 or k + 1 == pc.steps:
-            bar.set_postfix(loss=f"{losses[max(0, k + 1 - pc.log_every):k + 1].mean().item():.4f}")
+            window = losses[max(0, k + 1 - pc.log_every):k + 1].mean().item()
+            bar.set_postfix(loss=f"{window:.4f}")
+            if writer is not None:
+                writer.add_scalar("pretrain/loss", window, k + 1)  # mean over the last log_every steps
 
+    if writer is not None:
+        writer.close()
     n10 = max(1, pc.steps // 10)
     first, last = losses[:n10].mean().item(), losses[-n10:].mean().item()
     seconds = time.perf_counter() - start

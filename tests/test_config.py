@@ -65,7 +65,7 @@ def test_wrong_type_names_key_and_file(tmp_path, text, key):
 
 
 def test_literal_error_lists_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"\['linear', 'cosine'\]"):
+    with pytest.raises(ConfigError, match=r"\['linear', 'scaled_linear', 'cosine'\]"):
         load_config(_write(tmp_path, "schedule:\n  kind: quadratic\n"))
 
 

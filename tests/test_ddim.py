@@ -14,10 +14,11 @@ diffusers = pytest.importorskip("diffusers")
 T = 1000
 
 
-def _scheduler(spacing="leading", clip=False, set_alpha_to_one=True, kind="linear"):
+def _scheduler(spacing="leading", clip=False, set_alpha_to_one=True, kind="linear", prediction_type="epsilon", steps_offset=0):
     return diffusers.DDIMScheduler(
         num_train_timesteps=T, beta_schedule=kind, timestep_spacing=spacing, clip_sample=clip,
-        clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one, steps_offset=0,
+        clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+        prediction_type=prediction_type,
     )
 
 
@@ -31,11 +32,21 @@ def test_timesteps_match_diffusers(spacing, n):
     assert torch.equal(ts, ref.timesteps)
 
 
+@pytest.mark.parametrize("n", [1, 7, 10, 50])
+def test_linspace_spacing_and_steps_offset_match_diffusers(n):
+    for spacing, offset in (("linspace", 0), ("leading", 1), ("trailing", 1), ("linspace", 1)):
+        ref = _scheduler(spacing, steps_offset=offset)
+        ref.set_timesteps(n)
+        assert torch.equal(ddim_timesteps(n, T, spacing, offset), ref.timesteps), (spacing, offset)
+
+
 def test_timesteps_bad_input():
     with pytest.raises(ValueError, match="num_inference_steps"):
         ddim_timesteps(0, T)
     with pytest.raises(ValueError, match="spacing"):
         ddim_timesteps(10, T, "middle")
+    with pytest.raises(ValueError, match="sampling.steps_offset=1 puts DDIM timesteps"):
+        ddim_timesteps(T, T, "leading", steps_offset=1)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -60,6 +71,26 @@ def test_step_matches_diffusers(spacing, clip, eta, set_alpha_to_one):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         if eta == 0:
             torch.testing.assert_close(mean, got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_prediction_types_match_diffusers(prediction_type, clip, eta, offset):
+    """Each prediction type, clip on/off, eta 0/1, with steps_offset: our step == DDIMScheduler.step."""
+    n = 10
+    ref = _scheduler("leading", clip, prediction_type=prediction_type, steps_offset=offset)
+    ref.set_timesteps(n)
+    plan = make_ddim_plan(NoiseSchedule("linear", T).alphas_cumprod, n, eta, "leading", steps_offset=offset)
+    assert torch.equal(plan.timesteps, ref.timesteps)
+    g = torch.Generator().manual_seed(7)
+    for i, t in enumerate(plan.timesteps.tolist()):
+        x_t, out, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+        want = ref.step(out, t, x_t, eta=eta, variance_noise=noise)
+        got, mean, _ = ddim_step_reference(x_t, out, plan.abar_t[i], plan.abar_prev[i], plan.sigma[i], noise=noise,
+                                           clip_x0=1.0 if clip else None, prediction_type=prediction_type)
+        torch.testing.assert_close(got, want.prev_sample, atol=3e-5, rtol=1e-5)
 
 
 def test_set_alpha_to_one_false_ends_at_abar_0():

@@ -10,10 +10,10 @@ from ppo_ddpm.ddpm.schedules import NoiseSchedule, make_betas
 
 diffusers = pytest.importorskip("diffusers")
 
-KINDS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
 @pytest.mark.parametrize("T, beta_start, beta_end", [(1000, 1e-4, 0.02), (100, 1e-3, 0.05)])
 def test_matches_diffusers_ddpm_scheduler(kind, T, beta_start, beta_end):
     ref = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=beta_start, beta_end=beta_end, beta_schedule=KINDS[kind])
@@ -56,3 +56,17 @@ def test_from_config_and_q_sample():
 def test_unknown_kind_is_an_error():
     with pytest.raises(ValueError, match="quadratic"):
         make_betas("quadratic", 10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_training_target_matches_diffusers(prediction_type):
+    """epsilon -> noise, sample -> x_0, v_prediction -> DDPMScheduler.get_velocity (Salimans & Ho 2022)."""
+    s = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    want = {"epsilon": noise, "sample": x0,
+            "v_prediction": diffusers.DDPMScheduler(num_train_timesteps=1000).get_velocity(x0, noise, t)}[prediction_type]
+    torch.testing.assert_close(s.training_target(prediction_type, x0, t, noise), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="model.prediction_type"):
+        s.training_target("x0", x0, t, noise)

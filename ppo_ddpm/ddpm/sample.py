@@ -2,8 +2,8 @@
 
     x_0 = ddim_loop(model, plan, x_T, labels, noise=lambda i: z_i)
 
-Step i: eps = model(x, t_i, y); (x_{i+1}, mu_i, log_prob_i) = step_fn(x, eps, abar_t[i], abar_prev[i],
-sigma[i], noise=noise(i), out=store(i + 1)); visit(i, x, x_{i+1}, mu_i, log_prob_i). No host syncs and
+Step i: o = model(x, t_i, y) (read as ``prediction_type``); (x_{i+1}, mu_i, log_prob_i) = step_fn(x, o,
+abar_t[i], abar_prev[i], sigma[i], noise=noise(i), out=store(i + 1)); visit(i, x, x_{i+1}, mu_i, log_prob_i). No host syncs and
 no data-dependent shapes (capturable in a CUDA graph when model, step_fn and the callbacks are).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ def ddim_loop(
     step_fn: Callable = ddim_step_reference,
     clip_x0: Optional[float] = None,
     sigma_floor: float = 0.0,
+    prediction_type: str = "epsilon",
     store: Optional[Callable[[int], torch.Tensor]] = None,
     visit: Optional[Callable] = None,
 ) -> torch.Tensor:
@@ -41,7 +42,7 @@ def ddim_loop(
         t, *coefs = plan.step(i, B)
         eps = model(x, t, class_labels)
         x_next, mu, log_prob = step_fn(x, eps, *coefs, noise=noise(i), out=None if store is None else store(i + 1),
-                                       clip_x0=clip_x0, sigma_floor=sigma_floor)
+                                       clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type)
         if visit is not None:
             visit(i, x, x_next, mu, log_prob)
         x = x_next.to(x_T.dtype)
@@ -57,14 +58,16 @@ def ddim_sample(
     clip_x0: float | None = None,
     generator: torch.Generator | None = None,
     step_fn: Callable = ddim_step_reference,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
     """x_0 of ``ddim_loop`` with z_i ~ N(0, I) drawn from ``generator`` (on x_T's device, in x_T's dtype),
-    model in eval mode, no gradients."""
+    the model output read as ``prediction_type``, model in eval mode, no gradients."""
     plan = plan.to(x_T.device)
     was_training = model.training
     model.eval()
     draw = lambda i: torch.randn(x_T.shape, generator=generator, device=x_T.device, dtype=x_T.dtype)  # noqa: E731
     try:
-        return ddim_loop(model, plan, x_T, class_labels, noise=draw, step_fn=step_fn, clip_x0=clip_x0)
+        return ddim_loop(model, plan, x_T, class_labels, noise=draw, step_fn=step_fn, clip_x0=clip_x0,
+                         prediction_type=prediction_type)
     finally:
         model.train(was_training)

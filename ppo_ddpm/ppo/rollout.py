@@ -113,7 +113,7 @@ class RolloutNoise:
 
 
 def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise: Callable[[int], torch.Tensor], ops,
-                 policy_steps: list[int], *, clip_x0, sigma_floor: float) -> None:
+                 policy_steps: list[int], *, clip_x0, sigma_floor: float, prediction_type: str = "epsilon") -> None:
     """Fill ``cache`` states 0..n and the log-probs of ``policy_steps`` (module docstring).
 
     ``step_noise(i)`` gives z_i [B, C, H, W] (drawn in place into one buffer, or read from explicit
@@ -127,11 +127,11 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
 
     cache.record_state(0, noise.x_T)
     ddim_loop(policy, plan, cache.state(0).to(noise.x_T.dtype), noise.labels, noise=step_noise, step_fn=ops.ddim_step,
-              clip_x0=clip_x0, sigma_floor=sigma_floor, store=cache.state, visit=record)
+              clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type, store=cache.state, visit=record)
 
 
 def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, steps: list[int], out: torch.Tensor, ops,
-               *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int) -> torch.Tensor:
+               *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int, prediction_type: str = "epsilon") -> torch.Tensor:
     """No-grad ratio pass: out[j, b] = (logp_theta(x_{i+1} | x_i) - logp_old[i]) / divisor at the step
     i = steps[j], for the samples ``rows`` [m] (raw per-step log r, unclipped; divisor 1 for the sum
     reduction, D for the mean). ``out``: [len(steps), m] float64. Capturable."""
@@ -141,7 +141,8 @@ def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, steps:
         action = cache.state(i + 1).index_select(0, rows).to(dtype)
         t, *coefs = plan.step(i, m)
         eps = policy(x, t, labels)
-        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor,
+                                       prediction_type=prediction_type)
         out[j].copy_((log_prob - cache.log_probs[i].index_select(0, rows)) / divisor)
     return out
 

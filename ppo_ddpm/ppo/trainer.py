@@ -46,7 +46,7 @@ from torch import nn
 from ..config import Config
 from ..ddpm.ddim import DDIMPlan
 from ..ddpm.sample import ddim_loop
-from ..reward import check_reward
+from ..reward import check_reward, reward_step, term_means
 from ..rollout_cache import GroupStatTracker, RolloutCache
 from . import distributed
 from .graphs import GraphedCall
@@ -121,7 +121,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ pass 1
 
     def _kw(self) -> dict:
-        return dict(clip_x0=self.cfg.sampling.clip_x0, sigma_floor=self.pcfg.sigma_floor)
+        return dict(clip_x0=self.cfg.sampling.clip_x0, sigma_floor=self.pcfg.sigma_floor,
+                    prediction_type=self.cfg.model.prediction_type)
 
     def _labels(self, rows: Optional[torch.Tensor] = None):
         if self.num_classes == 0:
@@ -162,13 +163,18 @@ class PPOTrainer:
         B = self.pcfg.batch_size
         labels = self._noise.labels
         x0 = cache.state(self.n).float()
+        t_reward = time.perf_counter()
         r, finite = check_reward(self.reward_fn(x0, labels), B, getattr(self.reward_fn, "name", repr(self.reward_fn)))
         r, finite = r.to(self.device), finite.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        time_reward = time.perf_counter() - t_reward
         group_ids = labels if labels is not None else torch.zeros(B, dtype=torch.long, device=self.device)
         cache.set_rewards(torch.where(finite, r, torch.zeros_like(r)), group_ids)
         r_all, g_all = distributed.all_gather_cat(r), distributed.all_gather_cat(group_ids)
         nonfinite = int(distributed.all_gather_cat((~finite).to(torch.int32)).sum())
-        info = {"skipped": float(nonfinite > 0), "nonfinite_rewards": float(nonfinite)}
+        info = {"skipped": float(nonfinite > 0), "nonfinite_rewards": float(nonfinite), "time_reward": time_reward,
+                **term_means(self.reward_fn, distributed.all_gather_cat)}
         if nonfinite:
             self.skipped_batches += 1
             log.warning("rollout seed %d: %d non-finite rewards (NaN/inf) in the batch; skipped without an update "
@@ -343,7 +349,8 @@ class PPOTrainer:
         """One PPO iteration: rollout (seed from cfg.seed, iteration, rank), then update unless skipped."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        cache, stats = self.rollout(derive_seed(self.cfg.seed, iteration, distributed.rank()))
+        with reward_step(iteration):  # plug-in rewards may ask for the iteration
+            cache, stats = self.rollout(derive_seed(self.cfg.seed, iteration, distributed.rank()))
         if not stats["skipped"]:
             stats.update(self.update(cache))
         elapsed = stats["time_rollout"] + stats.get("time_update", 0.0)
