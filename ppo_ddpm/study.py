@@ -12,7 +12,7 @@ by the largest step), diversity, KID and grain against the real data, the verdic
 
 Each seed pretrains its own base model and reward model (the embedded pipeline, once per seed, shared
 by every variant and reward of that seed). Runs are subprocesses (``--jobs`` at a time, one thread
-each); a finished run (its eval.json exists) is not run again, so an interrupted study resumes.
+each); a finished run (its finetuned.pth exists) is not trained again, so an interrupted study resumes.
 Outputs under ``--out``: ``results.json`` (every row), ``table.md`` and ``grids/`` (base | fine-tuned
 side-by-side PNGs).
 """
@@ -86,7 +86,7 @@ def run_dirs(out: Path, variant: str, reward: str, seed: int) -> tuple[Path, Pat
 
 def train(cfg_file: str | None, overrides: list[str], path: Path) -> float | None:
     """Fine-tune into ``path`` unless a finished run is there; -> wall seconds (None: done earlier)."""
-    if (path / "eval" / "eval.json").is_file():
+    if (path / "finetuned.pth").is_file():  # written once, after the last PPO iteration
         return None
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
