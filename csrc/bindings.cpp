@@ -99,7 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_advantages", &RolloutCache::set_advantages, py::arg("advantages"))
       .def("minibatch_plan", &RolloutCache::minibatch_plan, py::arg("seed"), py::arg("num_minibatches"))
       .def("timestep_plan", &RolloutCache::timestep_plan, py::arg("seed"), py::arg("num_train_steps"),
-           py::arg("first_step") = 0)
+           py::arg("steps"))
       .def("nbytes", &RolloutCache::nbytes)
       .def("state_dict", [](const RolloutCache& c) { return to_python(c.state_dict()); })
       .def(

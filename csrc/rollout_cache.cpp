@@ -172,6 +172,23 @@ at::Tensor GroupStatTracker::update(const at::Tensor& group_ids, const at::Tenso
   const int64_t* gp = g.data_ptr<int64_t>();
   const double* rp = r.data_ptr<double>();
 
+  // Statistics of each group over (its buffer before this batch) + (its rewards in this batch).
+  std::map<int64_t, std::vector<double>> values;
+  for (int64_t k = 0; k < n; ++k) {
+    auto [it, inserted] = values.try_emplace(gp[k]);
+    if (inserted) {
+      auto ring = groups_.find(gp[k]);
+      if (ring != groups_.end()) it->second.assign(ring->second.slots.begin(), ring->second.slots.begin() + ring->second.count);
+    }
+    it->second.push_back(rp[k]);
+  }
+  const auto global = mean_std(rp, n);
+  std::map<int64_t, std::pair<double, double>> stats;
+  for (const auto& [gid, v] : values) {
+    const int64_t count = static_cast<int64_t>(v.size());
+    stats[gid] = count >= min_count_ ? mean_std(v.data(), count) : global;
+  }
+
   for (int64_t k = 0; k < n; ++k) {
     auto [it, inserted] = groups_.try_emplace(gp[k]);
     Ring& ring = it->second;
@@ -179,14 +196,6 @@ at::Tensor GroupStatTracker::update(const at::Tensor& group_ids, const at::Tenso
     ring.slots[static_cast<size_t>(ring.head)] = rp[k];
     ring.head = (ring.head + 1) % buffer_size_;
     ring.count = std::min(ring.count + 1, buffer_size_);
-  }
-
-  const auto global = mean_std(rp, n);
-  std::map<int64_t, std::pair<double, double>> stats;
-  for (int64_t k = 0; k < n; ++k) {
-    if (stats.count(gp[k])) continue;
-    const Ring& ring = groups_.at(gp[k]);
-    stats[gp[k]] = ring.count >= min_count_ ? mean_std(ring.slots.data(), ring.count) : global;
   }
 
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
@@ -280,7 +289,7 @@ RolloutCache::RolloutCache(int64_t num_steps, int64_t batch_size, std::vector<in
   states_shape.insert(states_shape.end(), sample_shape_.begin(), sample_shape_.end());
   const auto opts = at::TensorOptions().device(device);
   states_ = at::zeros(states_shape, opts.dtype(state_dtype));
-  log_probs_ = at::zeros({T_, B_}, opts.dtype(at::kFloat));
+  log_probs_ = at::zeros({T_, B_}, opts.dtype(at::kDouble));
   timesteps_ = at::zeros({T_}, opts.dtype(at::kLong));
   sigmas_ = at::zeros({T_}, opts.dtype(at::kFloat));
   rewards_ = at::zeros({B_}, opts.dtype(at::kFloat));
@@ -349,20 +358,28 @@ at::Tensor RolloutCache::minibatch_plan(int64_t seed, int64_t num_minibatches) c
   return plan.view({M, B_ / M}).to(device());
 }
 
-at::Tensor RolloutCache::timestep_plan(int64_t seed, int64_t num_train_steps, int64_t first_step) const {
+at::Tensor RolloutCache::timestep_plan(int64_t seed, int64_t num_train_steps, const at::Tensor& steps) const {
   const std::string where = "RolloutCache.timestep_plan";
-  TORCH_CHECK_VALUE(first_step >= 0 && first_step < T_, where, ": first_step must be in [0, T-1=", T_ - 1,
-                    "], got ", first_step);
-  const int64_t n = T_ - first_step, K = num_train_steps;
-  TORCH_CHECK_VALUE(K >= 1 && K <= n, where, ": num_train_steps K must be in [1, T-first_step=", n, "], got ", K);
+  check_integer(where, "steps", steps);
+  TORCH_CHECK_VALUE(steps.dim() == 1 && steps.numel() >= 1, where, ": steps must have shape [P] with P >= 1, got ",
+                    steps.sizes());
+  const at::Tensor host = steps.to(at::kCPU, at::kLong).contiguous();
+  const int64_t n = host.numel(), K = num_train_steps;
+  const int64_t* sp = host.data_ptr<int64_t>();
+  std::set<int64_t> seen;
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK_VALUE(sp[k] >= 0 && sp[k] < T_, where, ": steps[", k, "]=", sp[k], " out of range [0, ", T_ - 1, "]");
+    TORCH_CHECK_VALUE(seen.insert(sp[k]).second, where, ": steps has the step ", sp[k], " twice");
+  }
+  TORCH_CHECK_VALUE(K >= 1 && K <= n, where, ": num_train_steps K must be in [1, len(steps)=", n, "], got ", K);
   at::Tensor plan = at::empty({B_, K}, at::kLong);
   int64_t* out = plan.data_ptr<int64_t>();
-  std::vector<int64_t> steps(static_cast<size_t>(n));
+  std::vector<int64_t> row(static_cast<size_t>(n));
   SplitMix64 rng(static_cast<uint64_t>(seed) ^ kTimestepSalt);
   for (int64_t b = 0; b < B_; ++b) {
-    for (int64_t k = 0; k < n; ++k) steps[static_cast<size_t>(k)] = first_step + k;
-    partial_shuffle(rng, steps.data(), n, K);
-    std::copy(steps.begin(), steps.begin() + K, out + b * K);
+    std::copy(sp, sp + n, row.begin());
+    partial_shuffle(rng, row.data(), n, K);
+    std::copy(row.begin(), row.begin() + K, out + b * K);
   }
   return plan.to(device());
 }

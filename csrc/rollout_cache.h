@@ -3,7 +3,8 @@
 // One rollout of B trajectories with T network calls each is stored as
 //   states     [T+1, B, *sample_shape]  state_dtype (f32 | bf16); state i = x before call i,
 //                                       state i+1 = the action x_prev of call i (shared, no copies)
-//   log_probs  [T, B] f32               old log pi(x_{i+1} | x_i)
+//   log_probs  [T, B] f64               old log pi(x_{i+1} | x_i) (float64: PPO log-ratios are
+//                                       differences of two such totals, ~1e4 each at 3x32x32)
 //   timesteps  [T] i64, sigmas [T] f32  the DDIM schedule of the calls
 //   rewards    [B] f32, group_ids [B] i64, advantages [B] f32
 // Recording copies into this storage in place (no allocation: CUDA-graph capturable).
@@ -53,9 +54,10 @@ class GroupStatTracker {
  public:
   GroupStatTracker(int64_t buffer_size, int64_t min_count);
 
-  // Push every reward (in index order) into its group's ring buffer, then
-  // adv_n = (r_n - mean_g) / (std_g + eps) with the group's buffer statistics if the buffer holds
-  // >= min_count rewards, else the batch-global ones; clamped to [-adv_clip, adv_clip].
+  // adv_n = (r_n - mean_g) / (std_g + eps) with the statistics of group g's buffer (the last
+  // buffer_size rewards of earlier batches) together with this batch's rewards of group g, if those
+  // are >= min_count values, else the batch-global ones; clamped to [-adv_clip, adv_clip]. Then every
+  // reward (in index order) is pushed into its group's ring buffer.
   // group_ids [N] integer, rewards [N] floating -> [N] f32 on the rewards' device.
   at::Tensor update(const at::Tensor& group_ids, const at::Tensor& rewards, double eps,
                     std::optional<double> adv_clip);
@@ -87,7 +89,7 @@ class RolloutCache {
 
   // states[i] <- x (cast to state_dtype); i in [0, T], x [B, *sample_shape] on the cache's device.
   void record_state(int64_t i, const at::Tensor& x);
-  // log_probs[i] <- lp (cast to f32); i in [0, T-1], lp [B] on the cache's device.
+  // log_probs[i] <- lp (cast to f64); i in [0, T-1], lp [B] on the cache's device.
   void record_logprob(int64_t i, const at::Tensor& lp);
   // View of states[i], i in [0, T].
   at::Tensor state(int64_t i) const;
@@ -99,8 +101,9 @@ class RolloutCache {
 
   // [M, B/M] i64: a seeded permutation of 0..B-1 split into M minibatches (B % M == 0).
   at::Tensor minibatch_plan(int64_t seed, int64_t num_minibatches) const;
-  // [B, K] i64: row b = the first K entries of an independent seeded permutation of first_step..T-1.
-  at::Tensor timestep_plan(int64_t seed, int64_t num_train_steps, int64_t first_step) const;
+  // [B, K] i64: row b = the first K entries of an independent seeded permutation of ``steps``
+  // (1-D integer, distinct step indices in [0, T-1]: the trained steps).
+  at::Tensor timestep_plan(int64_t seed, int64_t num_train_steps, const at::Tensor& steps) const;
 
   int64_t nbytes() const;
   // Tensors (the cache's own storage, not copies), ints num_steps, batch_size, list sample_shape.

@@ -32,21 +32,31 @@ NUM_WARPS = 8
 
 if HAS_TRITON:
     # triton 3.7.1's interpreter casts fp32 -> bf16 by truncation (interpreter.py, cast_impl); GPUs
-    # round to nearest even. Under the interpreter, bf16 stores therefore round by bit arithmetic.
+    # round to nearest even. Under the interpreter, bf16 casts therefore round by bit arithmetic.
     _BF16_BY_BITS = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def cast_rne(value, dtype: tl.constexpr):
+        """``value`` converted to ``dtype`` with round-to-nearest-even (as a GPU converts)."""
+        out = value.to(dtype)
+        if _BF16_BY_BITS:  # interpreter only: compiled kernels keep the plain cast above
+            if dtype == tl.bfloat16:
+                bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return out
+
+    @triton.jit
+    def log_normalizer(s, D):
+        """D (log s + (1/2) log 2 pi) in float64 for s fp64 and D an integer: the Gaussian log-normaliser.
+        (Built here in fp64: a Python float argument would reach the kernel rounded to fp32.)"""
+        d = tl.full([], 0.0, tl.float64) + D
+        return d * (tl.log(s) + tl.full([], 0.91893853320467274178, tl.float64))
 
     @triton.jit
     def store_cast(ptr, value, mask):
         """tl.store(ptr, value) converted to ptr's element type with round-to-nearest-even."""
-        if _BF16_BY_BITS:  # interpreter only: the compiled path is the plain cast below
-            if ptr.dtype.element_ty == tl.bfloat16:
-                bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-            else:
-                tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr, cast_rne(value, ptr.dtype.element_ty), mask=mask)
 
 
 def use_triton(*tensors) -> bool:

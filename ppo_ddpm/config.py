@@ -185,14 +185,18 @@ def _plugin_problem(kind: str, function: str) -> Optional[str]:
     return None
 
 
-def _reward_model_problem(kind: str, path: str, sample_size: int, in_channels: int) -> Optional[str]:
-    """A reward CNN file must score images of the model's size (read from its metadata only)."""
+def _reward_model_problem(kind: str, path: str, sample_size: int, in_channels: int, data_root: str,
+                          path_key: str = "reward.model_path") -> Optional[str]:
+    """A reward CNN file must score images of the model's size (read from its metadata only); an empty
+    path is trained by the pipeline (``reward.trained_model_kind``): a classifier then needs class folders."""
     if kind not in ("model", "classifier"):
         return None
     if path == "":
-        return need(kind == "model", "reward.kind=classifier needs reward.model_path (a classifier CNN file)")
+        return need(kind == "model" or data_root != "",
+                    f"a classifier reward needs {path_key} (a classifier CNN file) or the class folders "
+                    "data.root/<class>/ to train one on (data.root is empty)")
     if not Path(path).is_file():
-        return "reward.model_path: file not found"
+        return f"{path_key}: file not found"
     from .reward.model import read_reward_model_config
 
     stored = read_reward_model_config(path)
@@ -205,21 +209,62 @@ def _reward_model_problem(kind: str, path: str, sample_size: int, in_channels: i
     return None
 
 
-def _policy_steps_problem(ppo: "PPOConfig", sampling: "SamplingConfig", schedule: "ScheduleConfig") -> Optional[str]:
-    """The DDIM plan must give the policy steps with a density (``ppo.sigma_floor``), and
-    ``ppo.train_last_k`` may train at most that many (the trainer's own view: ``ppo.rollout``)."""
-    from .ddpm.ddim import make_ddim_plan
-    from .ddpm.schedules import NoiseSchedule
-    from .ppo.rollout import check_sigma_floor
+def _label_target_problem(kind: str, target_class: int, num_classes: int) -> Optional[str]:
+    return need(kind != "classifier" or target_class >= 0 or num_classes > 0,
+                "target_class < 0 scores each sample's class label, but the model is unconditional")
 
-    plan = make_ddim_plan(NoiseSchedule.from_config(schedule).alphas_cumprod, sampling.num_inference_steps,
-                          sampling.eta, sampling.spacing, sampling.set_alpha_to_one)
+
+def _unless_terms(problem: Callable[..., Optional[str]]) -> Callable[..., Optional[str]]:
+    """``problem`` of the single reward (kind, model_path, ...), skipped when ``reward.terms`` (the
+    last value) replaces it."""
+    return lambda *values: None if values[-1] else problem(*values[:-1])
+
+
+def _terms_problem(reward: "RewardConfig", sample_size: int, in_channels: int, num_classes: int,
+                   data_root: str) -> Optional[str]:
+    """Each of ``reward.terms`` checked as the single reward is (its model_path defaulting to
+    ``reward.model_path``), plus a finite weight and unique names."""
+    if not reward.terms:
+        return None
+    from .reward.base import RewardError
+    from .reward.terms import term_names, trained_model_kind
+
+    problems = []
     try:
-        check_sigma_floor(plan, ppo.sigma_floor)
-    except ConfigError as e:
+        trained_model_kind(reward)
+    except RewardError as e:
+        problems.append(str(e))
+    names = term_names(reward)
+    if len(set(names)) != len(names):
+        problems.append(f"term names must be unique, got {names}; give each a 'name'")
+    for i, (name, t) in enumerate(zip(names, reward.terms)):
+        path_key = f"reward.terms[{i}].model_path" if t.model_path else "reward.model_path"
+        for problem in (need(math.isfinite(t.weight), "weight must be a finite number"),
+                        _plugin_problem(t.kind, t.function),
+                        _label_target_problem(t.kind, t.target_class, num_classes),
+                        _reward_model_problem(t.kind, t.model_path or reward.model_path, sample_size, in_channels,
+                                              data_root, path_key)):
+            if problem:
+                problems.append(f"reward.terms[{i}] ({name}): {problem}")
+    return "; ".join(problems) or None
+
+
+def _policy_steps_problem(ppo: "PPOConfig", sampling: "SamplingConfig", schedule: "ScheduleConfig") -> Optional[str]:
+    """The DDIM plan must have stochastic steps (the policy's actions; ``ppo.sample_at_floor`` raises every
+    sigma to ``ppo.sigma_floor``), and ``ppo.train_last_k`` may train at most that many (the trainer's own
+    view: ``ppo.rollout.check_policy_steps``)."""
+    from types import SimpleNamespace
+
+    from .ddpm.ddim import DDIMPlan
+    from .ppo.rollout import check_policy_steps
+
+    try:  # ConfigError (no stochastic step) or ValueError (timesteps outside the schedule: sampling.steps_offset)
+        steps = check_policy_steps(DDIMPlan.from_config(SimpleNamespace(ppo=ppo, sampling=sampling, schedule=schedule)),
+                                   ppo.sigma_floor)
+    except ValueError as e:
         return str(e)
-    return need(ppo.train_last_k <= plan.num_steps,
-                f"ppo.train_last_k must be <= {plan.num_steps}, the number of policy steps (sampling.num_inference_steps)")
+    return need(ppo.train_last_k <= len(steps),
+                f"ppo.train_last_k must be <= {len(steps)}, the number of stochastic DDIM steps (the policy's actions)")
 
 
 SEED_BOUND = 2**63  # seeds are offset (rank, batch index) and must stay non-negative int64
@@ -241,6 +286,8 @@ class ModelConfig:
     dropout: float = rule(0.0, ge=0, lt=1)
     num_classes: int = rule(0, ge=0)  # 0: unconditional
     pretrained: str = rule("", check=_existing("file or folder"))
+    # what the network outputs (diffusers' name); stored with the weights, read from a diffusers folder
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
 
     RULES: ClassVar[tuple] = (
         Check(("sample_size", "channel_mults"), lambda s, m: need(
@@ -251,9 +298,11 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021)."""
+    """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021;
+    scaled_linear: Stable Diffusion's). With a diffusers folder in ``model.pretrained`` the keys not set
+    in the YAML follow its scheduler_config.json (``ppo_ddpm.ddpm.diffusers_scheduler``)."""
 
-    kind: Literal["linear", "cosine"] = "linear"
+    kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_train_timesteps: int = rule(1000, ge=1)
     beta_start: float = rule(1e-4, gt=0, lt=1)
     beta_end: float = rule(0.02, gt=0, lt=1)
@@ -269,9 +318,10 @@ class SamplingConfig:
 
     num_inference_steps: int = rule(10, ge=1)
     eta: float = rule(1.0, ge=0, le=1)
-    spacing: Literal["leading", "trailing"] = "leading"
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"
     clip_x0: Optional[float] = rule(1.0, gt=0)  # clamp predicted x_0 to [-c, c]; null: off
     set_alpha_to_one: bool = True  # abar_prev of the last step is 1 (else abar_0)
+    steps_offset: int = rule(0, ge=0)  # added to the ``leading`` timesteps (diffusers' steps_offset)
 
 
 @dataclass
@@ -296,19 +346,42 @@ class PretrainConfig:
     ckpt_every: int = rule(100, ge=1)
 
 
+RewardKind = Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "random", "plugin"]
+ModelOutput = Literal["log_odds", "log_p_real"]
+
+
+@dataclass
+class RewardTermConfig:
+    """One term of ``reward.terms``: ``weight`` times the reward ``kind`` (keys as in RewardConfig;
+    an empty ``model_path`` uses ``reward.model_path``; ``name`` is the log name, default the kind)."""
+
+    kind: RewardKind = "model"
+    weight: float = 1.0
+    model_path: str = ""
+    model_output: ModelOutput = "log_odds"
+    target_class: int = 1
+    function: str = ""
+    name: str = ""
+
+
 @dataclass
 class RewardConfig:
     """The frozen reward scoring x_0.
 
     kind: ``model`` (a trained real-vs-fake CNN at ``model_path``), ``jpeg_compressibility``,
-    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of the CNN at
-    ``model_path``) or ``plugin`` (``function`` = ``module:function``).
+    ``jpeg_incompressibility``, ``classifier`` (log p(target_class | x_0) of a CNN trained on the
+    class folders ``data.root/<class>/`` at ``model_path``), ``random`` (the random-reward control) or
+    ``plugin`` (``function`` = ``module:function``).
+    ``terms`` non-empty: the reward is sum_k weight_k r_k of its terms instead (``kind``,
+    ``target_class`` and ``function`` are then not used), each term logged on its own.
     """
 
-    kind: Literal["model", "jpeg_compressibility", "jpeg_incompressibility", "classifier", "plugin"] = "model"
+    kind: RewardKind = "model"
     model_path: str = ""
+    model_output: ModelOutput = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
     target_class: int = 1
     function: str = ""
+    terms: list[RewardTermConfig] = field(default_factory=list)
     # reward-model training (python -m ppo_ddpm.train_reward_model)
     hidden_channels: int = rule(16, ge=1)
     train_steps: int = rule(300, ge=1)
@@ -317,18 +390,27 @@ class RewardConfig:
     held_out_fraction: float = rule(0.2, gt=0, lt=1)
     num_fake: int = rule(512, ge=1)  # fakes sampled from the base DDPM when data has no fake/ folder
 
-    RULES: ClassVar[tuple] = (Check(("kind", "function"), _plugin_problem),)
+    RULES: ClassVar[tuple] = (
+        Check(("kind", "function", "terms"), _unless_terms(_plugin_problem), show=("kind", "function")),
+    )
 
 
 @dataclass
 class PPOConfig:
     """PPO on whole DDIM trajectories.
 
-    objective ``trajectory``: r = prod_t r_t, log r_t per-step clipped, the sum globally clipped,
-    PPO min-form loss, gradient only where nothing clipped. ``per_step``: DDPO's estimator.
+    objective ``trajectory``: r = prod_t r_t over the stochastic steps, log r_t per-step clipped, the
+    sum globally clipped, PPO min-form loss. ``per_step``: DDPO's estimator (a PPO ratio per step).
+    log_prob_reduction: per-step log-probs summed over pixels (``sum``, the density) or averaged
+    (``mean``, DDPO). grad_mask: ``strict`` (gradient only for samples where nothing was clipped) or
+    ``ppo`` (standard PPO: autograd of the min form). sigma_floor: the policy's std is
+    s_t = max(sigma_t, sigma_floor) when scoring; with sample_at_floor the sampler draws with it too.
+    kl_beta: weight of the KL to the base model, per step as the objective weighs that step's log-ratio.
     """
 
     objective: Literal["trajectory", "per_step"] = "trajectory"
+    log_prob_reduction: Literal["sum", "mean"] = "sum"
+    grad_mask: Literal["strict", "ppo"] = "strict"
     iterations: int = rule(20, ge=0)
     batch_size: int = rule(32, ge=1)  # rollouts per iteration (per rank)
     num_epochs: int = rule(1, ge=1)
@@ -338,6 +420,7 @@ class PPOConfig:
     per_step_clip: Optional[float] = rule(1.0, gt=0)
     global_clip: Optional[float] = rule(5.0, gt=0)
     sigma_floor: float = rule(1e-2, ge=0)
+    sample_at_floor: bool = False
     adv_clip: Optional[float] = rule(5.0, gt=0)
     advantage: Literal["global", "group"] = "global"
     group_buffer_size: int = rule(32, ge=1)
@@ -398,16 +481,20 @@ class Config:
             root != "" or s >= 4, "the procedural dataset (data.root empty) needs data.image_size >= 4")),
         Check(("model.num_classes", "data.root", "model.pretrained"), lambda n, root, pre: need(
             n == 0 or root != "" or pre != "",
-            "a class-conditional model needs class folders data.root/real/<c>/ (the procedural dataset has no classes)")),
+            "a class-conditional model needs class folders data.root/<c>/ or data.root/real/<c>/ "
+            "(the procedural dataset has no classes)")),
         Check(("sampling.num_inference_steps", "schedule.num_train_timesteps"), lambda n, T: need(
             n <= T, "sampling.num_inference_steps must be <= schedule.num_train_timesteps")),
-        Check(("reward.kind", "reward.target_class", "model.num_classes"), lambda kind, c, n: need(
-            kind != "classifier" or c >= 0 or n > 0,
-            "reward.target_class < 0 scores each sample's class label, but the model is unconditional")),
-        Check(("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels"), _reward_model_problem),
+        Check(("reward.kind", "reward.target_class", "model.num_classes", "reward.terms"),
+              _unless_terms(_label_target_problem), show=("reward.kind", "reward.target_class", "model.num_classes")),
+        Check(("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels", "data.root", "reward.terms"),
+              _unless_terms(_reward_model_problem),
+              show=("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels", "data.root")),
+        Check(("reward", "model.sample_size", "model.in_channels", "model.num_classes", "data.root"), _terms_problem,
+              show=("reward.terms", "reward.model_path")),
         Check(("ppo", "sampling", "schedule"), _policy_steps_problem,
-              show=("ppo.sigma_floor", "ppo.train_last_k", "sampling.num_inference_steps", "sampling.eta",
-                    "sampling.set_alpha_to_one")),
+              show=("ppo.sigma_floor", "ppo.sample_at_floor", "ppo.train_last_k", "sampling.num_inference_steps",
+                    "sampling.eta", "sampling.set_alpha_to_one", "sampling.steps_offset")),
     )
 
 
@@ -611,9 +698,12 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, validate: bool = False) -> Config:
-    """Load ``path`` (or the embedded default when None), then apply ``overrides``; with ``validate``
-    check every rule, naming each bad value's file or ``--set``."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, validate: bool = False,
+                sections: Optional[tuple[str, ...]] = None) -> Config:
+    """Load ``path`` (or the embedded default when None), then apply ``overrides``; with a diffusers folder in
+    ``model.pretrained`` the keys left unset follow its scheduler_config.json (``ddpm.diffusers_scheduler``).
+    With ``validate`` check every rule (of ``sections`` only, if given: see :func:`validate_config`), naming
+    each bad value's file, ``--set`` or scheduler config."""
     data: dict = {}
     source = "<embedded default>"
     origins: dict[str, str] = {}
@@ -625,8 +715,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
         origins.update(dict.fromkeys(_leaf_keys(apply_overrides({}, overrides)), "--set"))
-    cfg = config_from_dict(data, source)
-    return validate_config(cfg, origins) if validate else cfg
+    from .ddpm.diffusers_scheduler import apply_pretrained_scheduler  # a diffusers folder brings its scheduler config
+
+    given = config_from_dict(data, source)
+    cfg = apply_pretrained_scheduler(given, data, source)
+    if cfg is not given:
+        origins.update({k: f"{cfg.model.pretrained} (scheduler config)" for k in _leaf_keys(config_to_dict(cfg))
+                        if k not in origins and _get(cfg, k) != _get(given, k)})
+    return validate_config(cfg, origins, sections) if validate else cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -642,6 +738,6 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The validated config of ``--cfg`` and ``--set``."""
-    return load_config(args.cfg, args.overrides, validate=True)
+def config_from_args(args: argparse.Namespace, sections: Optional[tuple[str, ...]] = None) -> Config:
+    """The validated config of ``--cfg`` and ``--set`` (``sections``: only the keys a CLI uses, e.g. export)."""
+    return load_config(args.cfg, args.overrides, validate=True, sections=sections)

@@ -24,20 +24,19 @@ offset by the rank, and only rank 0 runs the pipeline stages, logs, and writes f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import Config, add_config_args, config_from_args, config_to_dict, validate_config
 from .pipeline import STATE_FILE, prepare, read_record
 from .ppo import distributed as dist_utils
 from .pretrain import checkpoint_dir as pretrain_checkpoint_dir
+from .run_logger import RunLogger
 from .run_state import RUN_FORMAT, gather_rng, load_run_checkpoint, save_last, set_rng_state, truncate_metrics
 from .utils import set_seed
 from .utils.checkpoint import CheckpointError, refuse_overwrite, safe_load
@@ -47,54 +46,6 @@ from .utils.lock import RunLock
 from .utils.signals import GracefulStop, Interrupted, RunStopped
 
 GRID_SAMPLES = 16
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class RunLogger:
-    """Rank-0 sinks of one run: metrics.jsonl, TensorBoard scalars and sample grids."""
-
-    def __init__(self, cfg: Config, start: int, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled
-        self.out = Path(cfg.output_dir)
-        self.writer = None
-        if not enabled:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(self.out / "metrics.jsonl", "a")
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"), purge_step=start)
-
-    def log(self, iteration: int, stats: dict) -> None:
-        if not self.enabled:
-            return
-        row = {"iteration": iteration, **{k: float(v) for k, v in stats.items()}}
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
-        if self.writer is not None and (iteration + 1) % max(1, self.cfg.logging.log_every) == 0:
-            for k, v in row.items():
-                if k != "iteration":
-                    self.writer.add_scalar(f"ppo/{k}", v, iteration)
-
-    def grid(self, iteration: int, x0: torch.Tensor) -> None:
-        if not self.enabled:
-            return
-        from PIL import Image
-
-        from .data import save_grid
-
-        path = save_grid(x0.float().cpu(), self.out / "samples" / f"iter_{iteration + 1:06d}.png", nrow=4)
-        if self.writer is not None:
-            self.writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), iteration, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.metrics.close()
-            if self.writer is not None:
-                self.writer.close()
 
 
 # --------------------------------------------------------------------------- the run
@@ -207,7 +158,9 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
                         f"for it. Checkpoints kept: {kept()}. Lower ppo.lr (now {cfg.ppo.lr}) or ppo.grad_clip "
                         f"(now {cfg.ppo.grad_clip}) and resume from one of them")
                 logger.log(it, stats)
-                bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl_k3', float('nan')):.2e}")
+                if not stats["skipped"]:
+                    logger.histograms(it, trainer.cache.rewards, trainer.cache.advantages)
+                bar.set_postfix(reward=f"{stats.get('reward_mean', float('nan')):.4f}", kl=f"{stats.get('approx_kl', float('nan')):.2e}")
                 if cfg.logging.sample_every > 0 and (it + 1) % cfg.logging.sample_every == 0:
                     logger.grid(it, trainer.sample(grid_noise, cfg.seed))
                 stopping = dist_utils.any_rank(stop.requested, device)

@@ -1,8 +1,8 @@
 """The embedded pipeline before PPO: procedural data -> pretrained DDPM -> reward model.
 
 Each stage runs only when the config leaves its output empty (``model.pretrained``,
-``reward.model_path`` with ``reward.kind: model``; ``data.root`` when one of those two runs). What a
-stage made is recorded in ``{output_dir}/pipeline.json``: its output path *relative to output_dir*
+``reward.model_path`` when the reward needs a trained model; ``data.root`` when one of those two runs).
+What a stage made is recorded in ``{output_dir}/pipeline.json``: its output path *relative to output_dir*
 (so a moved run folder still finds it), its wall time and the config keys it depends on. A stage
 whose recorded output exists and whose keys are unchanged is skipped; changed keys are refused
 unless ``overwrite``. Before any stage runs, the outputs of the stages about to run are checked:
@@ -40,6 +40,7 @@ class Stage:
     apply: Callable[[Config, str], None]  # write the path into the config
     outputs: Callable[[Config], list[Path]]  # the files the stage writes (never silently overwritten)
     keys: tuple[str, ...]  # config keys (a trailing "." is a prefix) the output depends on
+    derived: Callable[[Config], dict] = lambda cfg: {}  # further values it depends on, recorded beside the keys
 
 
 def _make_data(cfg: Config, resume: bool) -> str:
@@ -75,8 +76,20 @@ def _needs_pretrain(cfg: Config) -> bool:
     return cfg.model.pretrained == ""
 
 
+def _trained_reward_kind(cfg: Config) -> str | None:
+    from .reward import trained_model_kind  # "model" (real-vs-fake CNN) or "classifier" (class folders)
+
+    return trained_model_kind(cfg.reward)
+
+
 def _needs_reward(cfg: Config) -> bool:
-    return cfg.reward.kind == "model" and cfg.reward.model_path == ""
+    return _trained_reward_kind(cfg) is not None
+
+
+def _reward_outputs(cfg: Config) -> list[Path]:
+    from .train_reward_model import output_path
+
+    return [output_path(cfg)]
 
 
 _DATA_KEYS = ("seed", "data.image_size", "data.procedural_count")
@@ -91,16 +104,17 @@ STAGES = (
     Stage("data", lambda c: c.data.root == "" and (_needs_pretrain(c) or _needs_reward(c)), _make_data,
           _set("data", "root"), lambda c: [], _DATA_KEYS),
     Stage("pretrain", _needs_pretrain, _pretrain, _set("model", "pretrained"), _pretrain_outputs, _MODEL_KEYS),
-    Stage("reward", _needs_reward, _train_reward, _set("reward", "model_path"),
-          lambda c: [Path(c.output_dir) / "reward_model.safetensors"], _REWARD_KEYS),
+    Stage("reward", _needs_reward, _train_reward, _set("reward", "model_path"), _reward_outputs, _REWARD_KEYS,
+          lambda c: {"reward.trained_model_kind": _trained_reward_kind(c)}),
 )
 
 
-def _stage_config(cfg: Config, keys: tuple[str, ...]) -> dict:
+def _stage_config(cfg: Config, stage: Stage) -> dict:
     from .run_state import flat_config
 
     flat = flat_config(config_to_dict(cfg))
-    return {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys)}
+    picked = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in stage.keys)}
+    return {**picked, **stage.derived(cfg)}
 
 
 def read_record(output_dir: str | Path) -> dict:
@@ -131,7 +145,7 @@ def _relative(path: str, output_dir: str) -> str:
 
 def _changed(stage: Stage, done: dict, cfg: Config) -> list[str]:
     """Keys whose value differs from the one the recorded output was made with."""
-    now, then = _stage_config(cfg, stage.keys), done.get("config")
+    now, then = _stage_config(cfg, stage), done.get("config")
     if then is None:
         return []
     return [f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
@@ -180,7 +194,7 @@ def prepare(cfg: Config, run: bool = True, stages: tuple[str, ...] = ("data", "p
         path = stage.run(cfg, resume)
         seconds = time.perf_counter() - t0
         record[stage.name] = {"path": _relative(path, cfg.output_dir), "seconds": seconds,
-                              "config": _stage_config(cfg, stage.keys)}
+                              "config": _stage_config(cfg, stage)}
         stage.apply(cfg, path)
         atomic_write_text(json.dumps(record, indent=2), out / STATE_FILE)
         print(f"[pipeline] {stage.name}: {seconds:.1f} s -> {path}", flush=True)

@@ -1,13 +1,15 @@
-"""Epsilon-prediction DDPM pretraining (Ho et al. 2020, Algorithm 1), resumable.
+"""DDPM pretraining (Ho et al. 2020, Algorithm 1), for every ``model.prediction_type``, resumable.
 
     t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-    L = || eps - eps_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    L = || target - f_theta(x_t, t[, y]) ||^2  (mean over pixels and batch), Adam,
+    target = eps (epsilon), x_0 (sample) or sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (v_prediction),
     EMA theta' <- d_k theta' + (1 - d_k) theta with d_k = min(ema_decay, (1 + k) / (10 + k)).
 
 Data: the images of ``data.root/real`` (or ``data.root``); with ``data.root`` empty a procedural
 dataset under ``{output_dir}/data``. Class-conditional models (``model.num_classes > 0``) read class c
 from the sub-folder ``<folder>/<c>/``. Writes the EMA weights to ``{output_dir}/ddpm.pth`` (or
-``.safetensors`` + ``.json``) and the loss summary to ``{output_dir}/pretrain_metrics.json``.
+``.safetensors`` + ``.json``), the loss summary to ``{output_dir}/pretrain_metrics.json`` and the loss
+curve to TensorBoard (``{output_dir}/tb``, tag ``pretrain/loss``).
 
 Every ``pretrain.ckpt_every`` steps (and at the end) a checkpoint goes to
 ``{output_dir}/checkpoints/pretrain/last.pt`` (the one before as ``prev.pt``): model, EMA, Adam,
@@ -35,6 +37,7 @@ from .config import Config, add_config_args, config_from_args, config_to_dict, v
 from .data import DataError, load_images, resolve_data_root
 from .ddpm.model import build_model, save_model
 from .ddpm.schedules import NoiseSchedule
+from .run_logger import tensorboard_writer
 from .run_state import PRETRAIN_FORMAT, check_resumed_config, read_checkpoint, rng_state, save_last, set_rng_state
 from .utils import resolve_device, set_seed
 from .utils.checkpoint import atomic_write_text, refuse_overwrite
@@ -130,34 +133,42 @@ def pretrain(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path
             "optimizer": opt.state_dict(), "data_rng": gen.get_state(), "rng": rng_state(),
             "losses": losses[:done].cpu(), "config": config_to_dict(cfg)})
 
+    writer = tensorboard_writer(cfg, purge_step=start if state is not None else None)
     t0 = time.perf_counter()
-    with GracefulStop("pretrain", "step") as stop:
-        bar = tqdm(range(start, pc.steps), initial=start, total=pc.steps, desc="pretrain", dynamic_ncols=True)
-        for k in bar:
-            idx = torch.randint(len(images), (pc.batch_size,), generator=gen)
-            x0 = images[idx].to(device, non_blocking=True)
-            y = labels[idx].to(device) if labels is not None else None
-            t = torch.randint(schedule.num_train_timesteps, (pc.batch_size,), device=device)
-            eps = torch.randn_like(x0)
-            loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update_(ema, model, min(pc.ema_decay, (1 + k) / (10 + k)))
-            losses[k] = loss.detach()
-            done = k + 1
-            if done % pc.log_every == 0 or done == pc.steps:
-                _check_finite(model, losses, done, cfg)
-                bar.set_postfix(loss=f"{losses[max(0, done - pc.log_every):done].mean().item():.4f}")
-            if stop.requested:
-                bar.close()
-                raise RunStopped(f"stopped after step {done}/{pc.steps}; checkpoint {checkpoint(done)}")
-            if done % pc.ckpt_every == 0 or done == pc.steps:
-                checkpoint(done)
-        bar.close()
+    try:
+        with GracefulStop("pretrain", "step") as stop:
+            bar = tqdm(range(start, pc.steps), initial=start, total=pc.steps, desc="pretrain", dynamic_ncols=True)
+            for k in bar:
+                idx = torch.randint(len(images), (pc.batch_size,), generator=gen)
+                x0 = images[idx].to(device, non_blocking=True)
+                y = labels[idx].to(device) if labels is not None else None
+                t = torch.randint(schedule.num_train_timesteps, (pc.batch_size,), device=device)
+                eps = torch.randn_like(x0)
+                target = schedule.training_target(cfg.model.prediction_type, x0, t, eps)
+                loss = F.mse_loss(model(schedule.q_sample(x0, t, eps), t, y), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ema_update_(ema, model, min(pc.ema_decay, (1 + k) / (10 + k)))
+                losses[k] = loss.detach()
+                done = k + 1
+                if done % pc.log_every == 0 or done == pc.steps:
+                    _check_finite(model, losses, done, cfg)
+                    window = losses[max(0, done - pc.log_every):done].mean().item()
+                    bar.set_postfix(loss=f"{window:.4f}")
+                    if writer is not None:
+                        writer.add_scalar("pretrain/loss", window, done)  # mean over the last log_every steps
+                if stop.requested:
+                    bar.close()
+                    raise RunStopped(f"stopped after step {done}/{pc.steps}; checkpoint {checkpoint(done)}")
+                if done % pc.ckpt_every == 0 or done == pc.steps:
+                    checkpoint(done)
+            bar.close()
+    finally:
+        if writer is not None:
+            writer.close()
     if state is not None and start == pc.steps:
         print(f"[pretrain] all {pc.steps} steps already done", file=sys.stderr, flush=True)
-
     n10 = max(1, pc.steps // 10)
     first, last = losses[:n10].mean().item(), losses[-n10:].mean().item()
     seconds = time.perf_counter() - t0

@@ -9,7 +9,8 @@ One rollout of B trajectories with T network calls is stored as
 
     states     [T+1, B, *sample_shape]  state_dtype (f32 | bf16); state i = x before call i and
                                         state i+1 = the action x_prev of call i (shared, no copies)
-    log_probs  [T, B] f32               old log pi(x_{i+1} | x_i)
+    log_probs  [T, B] f64               old log pi(x_{i+1} | x_i) (float64: a PPO log-ratio is the
+                                        difference of two such totals, ~1e4 each at 3x32x32)
     timesteps  [T] i64, sigmas [T] f32  the DDIM schedule of the calls
     rewards    [B] f32, group_ids [B] i64, advantages [B] f32
 
@@ -188,10 +189,12 @@ class _Ring:
 class PyGroupStatTracker:
     """Per-group ring buffer of the last ``buffer_size`` rewards (DDPO's per-prompt stat tracker).
 
-    ``update(group_ids [N], rewards [N])`` pushes every reward (in index order) into its group's
-    buffer, then A_n = (r_n - mean_g) / (std_g + eps) with the group's buffer statistics when the
-    buffer holds >= ``min_count`` rewards, else with the batch-global ones; clamped to
-    [-adv_clip, adv_clip]. Returns [N] f32 on the rewards' device.
+    ``update(group_ids [N], rewards [N])``: A_n = (r_n - mean_g) / (std_g + eps) with the statistics of
+    group g's buffer (rewards of earlier batches) together with this batch's rewards of group g, when
+    those are >= ``min_count`` values, else with the batch-global ones; clamped to [-adv_clip, adv_clip].
+    Then every reward (in index order) is pushed into its group's buffer. Returns [N] f32 on the
+    rewards' device. (The current batch is always part of its own statistics, even when it is larger
+    than the buffer.)
     """
 
     def __init__(self, buffer_size: int, min_count: int):
@@ -226,17 +229,19 @@ class PyGroupStatTracker:
         _check_adv_args(where, eps, adv_clip)
         g = group_ids.to("cpu", torch.int64).tolist()
         r = rewards.to("cpu", torch.float64).tolist()
+        values: dict[int, list[float]] = {}
+        for gid, value in zip(g, r):
+            if gid not in values:
+                ring = self._groups.get(gid)
+                values[gid] = [] if ring is None else ring.slots[: ring.count]
+            values[gid].append(value)
+        global_stats = _mean_std(r)
+        stats = {gid: _mean_std(v) if len(v) >= self._min_count else global_stats for gid, v in values.items()}
         for gid, value in zip(g, r):
             ring = self._groups.setdefault(gid, _Ring(self._buffer_size))
             ring.slots[ring.head] = value
             ring.head = (ring.head + 1) % self._buffer_size
             ring.count = min(ring.count + 1, self._buffer_size)
-        global_stats = _mean_std(r)
-        stats = {}
-        for gid in g:
-            if gid not in stats:
-                ring = self._groups[gid]
-                stats[gid] = _mean_std(ring.slots[: ring.count]) if ring.count >= self._min_count else global_stats
         adv = []
         for gid, value in zip(g, r):
             mean, std = stats[gid]
@@ -326,7 +331,7 @@ class PyRolloutCache:
         device = torch.device(device)
         T, B = self._T, self._B
         self._states = torch.zeros((T + 1, B, *self._sample_shape), dtype=state_dtype, device=device)
-        self._log_probs = torch.zeros((T, B), dtype=torch.float32, device=device)
+        self._log_probs = torch.zeros((T, B), dtype=torch.float64, device=device)
         self._timesteps = torch.zeros((T,), dtype=torch.int64, device=device)
         self._sigmas = torch.zeros((T,), dtype=torch.float32, device=device)
         self._rewards = torch.zeros((B,), dtype=torch.float32, device=device)
@@ -360,7 +365,7 @@ class PyRolloutCache:
         self._states[i].copy_(x)
 
     def record_logprob(self, i: int, lp: torch.Tensor) -> None:
-        """log_probs[i] <- lp (cast to f32); i in [0, T-1], lp [B] on the cache's device."""
+        """log_probs[i] <- lp (cast to f64); i in [0, T-1], lp [B] on the cache's device."""
         where = "RolloutCache.record_logprob"
         _check_index(where, i, self._T, f"num_steps T={self._T}")
         _check_floating(where, "lp", lp)
@@ -407,21 +412,29 @@ class PyRolloutCache:
         _partial_shuffle(SplitMix64(seed ^ MINIBATCH_SALT), perm, B - 1)
         return torch.tensor(perm, dtype=torch.int64).view(M, B // M).to(self.device)
 
-    def timestep_plan(self, seed: int, num_train_steps: int, first_step: int = 0) -> torch.Tensor:
-        """[B, K] i64: row b = first K entries of an independent seeded permutation of first_step..T-1."""
+    def timestep_plan(self, seed: int, num_train_steps: int, steps: torch.Tensor) -> torch.Tensor:
+        """[B, K] i64: row b = first K entries of an independent seeded permutation of ``steps``
+        (1-D integer, distinct step indices in [0, T-1]: the trained steps)."""
         where, T, K = "RolloutCache.timestep_plan", self._T, num_train_steps
         _check_int64(where, "seed", seed)
-        if not 0 <= first_step < T:
-            raise ValueError(f"{where}: first_step must be in [0, T-1={T - 1}], got {first_step}")
-        n = T - first_step
+        _check_integer(where, "steps", steps)
+        if steps.dim() != 1 or steps.numel() < 1:
+            raise ValueError(f"{where}: steps must have shape [P] with P >= 1, got {_shape(steps.shape)}")
+        candidates = steps.to("cpu", torch.int64).tolist()
+        for k, step in enumerate(candidates):
+            if not 0 <= step < T:
+                raise ValueError(f"{where}: steps[{k}]={step} out of range [0, {T - 1}]")
+            if step in candidates[:k]:
+                raise ValueError(f"{where}: steps has the step {step} twice")
+        n = len(candidates)
         if not 1 <= K <= n:
-            raise ValueError(f"{where}: num_train_steps K must be in [1, T-first_step={n}], got {K}")
+            raise ValueError(f"{where}: num_train_steps K must be in [1, len(steps)={n}], got {K}")
         rng = SplitMix64(seed ^ TIMESTEP_SALT)
         rows = []
         for _ in range(self._B):
-            steps = list(range(first_step, T))
-            _partial_shuffle(rng, steps, K)
-            rows.append(steps[:K])
+            row = list(candidates)
+            _partial_shuffle(rng, row, K)
+            rows.append(row[:K])
         return torch.tensor(rows, dtype=torch.int64).to(self.device)
 
     def _tensors(self) -> dict:

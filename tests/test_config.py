@@ -65,7 +65,7 @@ def test_wrong_type_names_key_and_file(tmp_path, text, key):
 
 
 def test_literal_error_lists_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"\['linear', 'cosine'\]"):
+    with pytest.raises(ConfigError, match=r"\['linear', 'scaled_linear', 'cosine'\]"):
         load_config(_write(tmp_path, "schedule:\n  kind: quadratic\n"))
 
 
@@ -139,8 +139,10 @@ def test_validation_of_some_sections_only():
     cfg = Config()
     cfg.model.in_channels = 1  # not RGB: a CLI run refuses it, the trainer alone does not care
     assert validate_config(cfg, sections=("ppo", "sampling", "schedule")) is cfg
-    cfg.ppo.train_last_k = 11
-    with pytest.raises(ConfigError, match="ppo.train_last_k = 11, sampling.num_inference_steps = 10.*must be <= 10"):
+    cfg.ppo.train_last_k = 10  # 10 DDIM steps, the last deterministic (set_alpha_to_one): 9 policy steps
+    with pytest.raises(ConfigError, match="ppo.train_last_k = 10, sampling.num_inference_steps = 10.*must be <= 9"):
         validate_config(cfg, sections=("ppo", "sampling", "schedule"))
+    cfg.ppo.sample_at_floor = True  # every sigma raised to ppo.sigma_floor > 0: all 10 steps are the policy's
+    assert validate_config(cfg, sections=("ppo", "sampling", "schedule")) is cfg
     with pytest.raises(ConfigError, match="model.in_channels = 1"):
         validate_config(cfg)

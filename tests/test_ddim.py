@@ -19,10 +19,12 @@ def diffusers():
     return pytest.importorskip("diffusers")
 
 
-def _scheduler(diffusers, spacing="leading", clip=False, set_alpha_to_one=True, kind="linear"):
+def _scheduler(diffusers, spacing="leading", clip=False, set_alpha_to_one=True, kind="linear", prediction_type="epsilon",
+               steps_offset=0):
     return diffusers.DDIMScheduler(
         num_train_timesteps=T, beta_schedule=kind, timestep_spacing=spacing, clip_sample=clip,
-        clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one, steps_offset=0,
+        clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+        prediction_type=prediction_type,
     )
 
 
@@ -36,6 +38,9 @@ HAND_TIMESTEPS = {
     ("trailing", 3): [999, 666, 332],  # 1000, 666.67, 333.33 rounded, minus 1
     ("trailing", 7): [999, 856, 713, 570, 428, 285, 142],  # 1000 - i 142.857..., rounded, minus 1
     ("trailing", 10): [999, 899, 799, 699, 599, 499, 399, 299, 199, 99],
+    ("linspace", 1): [0],
+    ("linspace", 3): [999, 500, 0],  # 0, 499.5, 999 rounded half to even
+    ("linspace", 10): [999, 888, 777, 666, 555, 444, 333, 222, 111, 0],  # 999 / 9 = 111
 }
 
 
@@ -45,6 +50,13 @@ def test_timesteps_by_hand(spacing, n):
     assert ts.dtype == torch.int64 and ts.tolist() == HAND_TIMESTEPS[spacing, n]
     plan = make_ddim_plan(NoiseSchedule("linear", T).alphas_cumprod, n, 1.0, spacing, set_alpha_to_one=True)
     assert plan.prev_timesteps.tolist() == [t - T // n for t in HAND_TIMESTEPS[spacing, n]]
+
+
+def test_steps_offset_by_hand():
+    """diffusers' steps_offset shifts the leading timesteps only."""
+    assert ddim_timesteps(10, T, "leading", 1).tolist() == [t + 1 for t in HAND_TIMESTEPS["leading", 10]]
+    for spacing in ("trailing", "linspace"):
+        assert ddim_timesteps(10, T, spacing, 1).tolist() == HAND_TIMESTEPS[spacing, 10]
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -67,11 +79,21 @@ def test_timesteps_match_diffusers(diffusers, spacing, n):
     assert torch.equal(ts, ref.timesteps)
 
 
+@pytest.mark.parametrize("n", [1, 7, 10, 50])
+def test_linspace_spacing_and_steps_offset_match_diffusers(diffusers, n):
+    for spacing, offset in (("linspace", 0), ("leading", 1), ("trailing", 1), ("linspace", 1)):
+        ref = _scheduler(diffusers, spacing, steps_offset=offset)
+        ref.set_timesteps(n)
+        assert torch.equal(ddim_timesteps(n, T, spacing, offset), ref.timesteps), (spacing, offset)
+
+
 def test_timesteps_bad_input():
     with pytest.raises(ValueError, match="num_inference_steps"):
         ddim_timesteps(0, T)
     with pytest.raises(ValueError, match="spacing"):
         ddim_timesteps(10, T, "middle")
+    with pytest.raises(ValueError, match="sampling.steps_offset=1 puts DDIM timesteps"):
+        ddim_timesteps(T, T, "leading", steps_offset=1)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
@@ -96,6 +118,26 @@ def test_step_matches_diffusers(diffusers, spacing, clip, eta, set_alpha_to_one)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
         if eta == 0:
             torch.testing.assert_close(mean, got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_prediction_types_match_diffusers(diffusers, prediction_type, clip, eta, offset):
+    """Each prediction type, clip on/off, eta 0/1, with steps_offset: our step == DDIMScheduler.step."""
+    n = 10
+    ref = _scheduler(diffusers, "leading", clip, prediction_type=prediction_type, steps_offset=offset)
+    ref.set_timesteps(n)
+    plan = make_ddim_plan(NoiseSchedule("linear", T).alphas_cumprod, n, eta, "leading", steps_offset=offset)
+    assert torch.equal(plan.timesteps, ref.timesteps)
+    g = torch.Generator().manual_seed(7)
+    for i, t in enumerate(plan.timesteps.tolist()):
+        x_t, out, noise = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+        want = ref.step(out, t, x_t, eta=eta, variance_noise=noise)
+        got, mean, _ = ddim_step_reference(x_t, out, plan.abar_t[i], plan.abar_prev[i], plan.sigma[i], noise=noise,
+                                           clip_x0=1.0 if clip else None, prediction_type=prediction_type)
+        torch.testing.assert_close(got, want.prev_sample, atol=3e-5, rtol=1e-5)
 
 
 def test_set_alpha_to_one_false_ends_at_abar_0():

@@ -16,11 +16,13 @@ import torch
 from PIL import Image
 
 from ppo_ddpm.config import load_config
+from ppo_ddpm.data import make_grid
 from ppo_ddpm.ddpm.ddim import make_ddim_plan
 from ppo_ddpm.ddpm.model import build_model, save_model
 from ppo_ddpm.ddpm.sample import ddim_sample
 from ppo_ddpm.ddpm.schedules import NoiseSchedule
-from ppo_ddpm.eval import _upscaled_grid, evaluate, format_summary, main, mean_pairwise_distance
+from ppo_ddpm.eval import evaluate, format_summary, main, mean_pairwise_distance
+from ppo_ddpm.plots import upscale
 
 
 def mean_pixel(x0):
@@ -103,7 +105,7 @@ def test_identical_models(models):
     out = d / "run" / "eval"
     assert strict_json(out / "eval.json") == r
     # side_by_side.png: both panels are the grid of the very same samples
-    grid = np.asarray(_upscaled_grid(samples(cfg, base, _plan(cfg))))
+    grid = upscale(make_grid(samples(cfg, base, _plan(cfg)), nrow=4), 256)
     im = np.asarray(Image.open(out / "side_by_side.png").convert("RGB"))
     (h, w, _), (H, W, _) = grid.shape, im.shape
     pad = (W - 2 * w) // 3
@@ -204,7 +206,7 @@ def test_all_nan_and_huge_rewards_do_not_crash(models):
     assert r["base_reward_mean"] is None and r["win_rate"] is None and r["win_rate_pairs"] == 0
     assert r["finetuned_nonfinite_rewards"] == 6 and r["reward_gain"] is None
     assert strict_json(out / "eval.json")["finetuned_reward_std"] is None
-    assert not (out / "reward_hist.png").exists()  # nothing finite to draw
+    assert (out / "reward_hist.png").is_file()  # drawn empty, its legend says "no finite values"
     summary = format_summary(r)
     assert "mean reward n/a" in summary and "win rate n/a" in summary and "+nan" not in summary
     r = evaluate(_with_reward(cfg, "huge"), str(d / "base.pth"), str(d / "shifted.pth"))
@@ -226,3 +228,25 @@ def test_a_nan_model_is_evaluated_not_crashed_on(models, capsys):
     r = strict_json(d / "run" / "eval" / "eval.json")
     assert r["finetuned_nonfinite_rewards"] == 6 and r["kl_drift_total"] is None and r["finetuned_diversity"] is None
     assert r["base_nonfinite_rewards"] == 0 and r["base_reward_mean"] is not None
+    assert r["finetuned_nonfinite_images"] == 6 and r["verdict"] == "non-finite"
+    assert "verdict: non-finite" in out
+
+
+def test_nan_models_against_real_data_and_as_control(models, tmp_path):
+    """A NaN fine-tuned model and a NaN control: KID, image statistics, gains over the control and the
+    verdict are null / n/a where they cannot be measured; the base's are still measured."""
+    from ppo_ddpm.data import save_images
+
+    cfg, d, base = models
+    real = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    save_images(real, tmp_path / "data" / "real", "real")
+    nan_cfg = load_config(None, TINY + [f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'data'}"])
+    if not (d / "nan.pth").is_file():
+        pytest.skip("needs the NaN model of test_a_nan_model_is_evaluated_not_crashed_on")
+    r = evaluate(nan_cfg, str(d / "base.pth"), str(d / "nan.pth"), control_path=str(d / "nan.pth"))
+    assert r["finetuned"]["kid"] is None and r["finetuned"]["grain"] is None and r["base"]["kid"] is not None
+    assert r["control_nonfinite_rewards"] == 6 and r["control_reward_mean"] is None and r["gain_over_control"] is None
+    assert r["real"]["num_images"] == 8 and r["verdict"] == "non-finite"
+    summary = format_summary(r)
+    assert "KID base" in summary and "fine-tuned n/a" in summary and "6 of 6 control rewards are NaN/inf" in summary
+    assert strict_json(tmp_path / "run" / "eval" / "eval.json")["gain_over_control_se"] is None

@@ -13,12 +13,18 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(3, 3, 7, 5), (3, 3, 50, 50)]  # (3, 3, 50, 50): 2 chunks x 2 blocks per sample
 
 
-def exact_ddim(x_t, eps, abar_t, abar_prev, sigma, z, score, clip_x0=None, sigma_floor=0.0):
-    """float64 DDIM step (Song et al. eq. 12) and log N(x_prev; mean, s^2 I); z = noise or x_prev."""
-    x, e, z = x_t.double(), eps.double(), z.double()
+def exact_ddim(x_t, eps, abar_t, abar_prev, sigma, z, score, clip_x0=None, sigma_floor=0.0, prediction_type="epsilon"):
+    """float64 DDIM step (Song et al. eq. 12) and log N(x_prev; mean, s^2 I); z = noise or x_prev.
+    ``eps`` is the model output o, read as ``prediction_type`` (hand formulas, as diffusers' DDIMScheduler)."""
+    x, o, z = x_t.double(), eps.double(), z.double()
     view = lambda v: torch.as_tensor(v, dtype=torch.float64, device=x.device).expand(x.shape[0]).reshape(-1, *[1] * (x.dim() - 1))  # noqa: E731
     a_t, a_p, sig = view(abar_t), view(abar_prev), view(sigma)
-    x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+    if prediction_type == "epsilon":
+        x0, e = (x - (1 - a_t).sqrt() * o) / a_t.sqrt(), o
+    elif prediction_type == "sample":
+        x0, e = o, (x - a_t.sqrt() * o) / (1 - a_t).sqrt()
+    else:
+        x0, e = a_t.sqrt() * x - (1 - a_t).sqrt() * o, a_t.sqrt() * o + (1 - a_t).sqrt() * x
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     mean = a_p.sqrt() * x0 + (1 - a_p - sig**2).clamp_min(0).sqrt() * e
@@ -187,3 +193,47 @@ def test_bytes_moved():
     assert ddim_step_bytes(x, x, x, score=True, backward=True) == n * 8
     assert ddim_step_bytes(x, x, z, score=False, backward=True) == n * 4
     assert ddim_step_bytes(x, x, z, score=False, backward=True, clip_x0=True) == n * 8
+
+
+@pytest.mark.parametrize("score", [False, True], ids=["noise", "x_prev"])
+@pytest.mark.parametrize("clip_x0", [None, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_prediction_types_match_float64_and_reference(prediction_type, dtype, clip_x0, score, gen):
+    """x0_hat / eps_hat from a sample or v output, forward and d o, against float64 hand maths."""
+    shape = SHAPES[1]
+    x_t, out, a_t, a_p, sig, z = make(shape, dtype, gen, score=False)
+    if score:
+        z = exact_ddim(x_t, out, a_t, a_p, sig, z, False, prediction_type=prediction_type)[0].to(dtype)
+    grads = (randn(shape, gen).to(DEV), randn(shape, gen).to(DEV), randn(shape[:1], gen, 1e-3).to(DEV))
+    kw = dict(clip_x0=clip_x0, prediction_type=prediction_type)
+    got, g_out = run(ddim_step, x_t, out, a_t, a_p, sig, z, score, grads, **kw)
+    ref, ref_g = run(ddim_step_reference, x_t, out, a_t, a_p, sig, z, score, grads, **kw)
+    out64 = out.double().requires_grad_(True)
+    exact = exact_ddim(x_t, out64, a_t, a_p, sig, z, score, clip_x0, prediction_type=prediction_type)
+    loss = (exact[1] * grads[1]).sum() + (exact[2] * grads[2]).sum() + (0 if score else (exact[0] * grads[0]).sum())
+    loss.backward()
+    for name, o, r, e in zip(("x_prev", "mean", "log_prob"), got, ref, exact):
+        assert_within_2x(name, o, r, e, ulps(e, 1))
+    assert_within_2x("d output", g_out, ref_g, out64.grad, ulps(out64.grad, 1))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_prediction_types_are_one_step_in_three_parameterisations(prediction_type, gen):
+    """The same (x0_hat, eps_hat) written as each output type gives the same step: o = eps_hat,
+    x0_hat or v = sqrt(a) eps_hat - sqrt(1 - a) x0_hat (hand conversion, float64)."""
+    x_t, eps, a_t, a_p, sig, z = make((3, 3, 7, 5), torch.float64, gen, score=False)
+    a = a_t.double().view(-1, 1, 1, 1)
+    x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+    want = ddim_step_reference(x_t, eps, a_t, a_p, sig, noise=z)
+    got = ddim_step(x_t.float(), out.float(), a_t, a_p, sig, noise=z.float(), prediction_type=prediction_type)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-4, rtol=1e-5)
+
+
+def test_unknown_prediction_type_names_the_key(gen):
+    x_t, eps, a_t, a_p, sig, z = make((3, 3, 7, 5), torch.float32, gen, score=False)
+    for fn in (ddim_step, ddim_step_reference):
+        with pytest.raises(ValueError, match="model.prediction_type .* got 'x0'"):
+            fn(x_t, eps, a_t, a_p, sig, noise=z, prediction_type="x0")

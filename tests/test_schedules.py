@@ -8,10 +8,10 @@ import torch
 from ppo_ddpm.config import ScheduleConfig
 from ppo_ddpm.ddpm.schedules import NoiseSchedule, make_betas
 
-KINDS = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
 @pytest.mark.parametrize("T, beta_start, beta_end", [(1000, 1e-4, 0.02), (100, 1e-3, 0.05)])
 def test_matches_diffusers_ddpm_scheduler(kind, T, beta_start, beta_end):
     diffusers = pytest.importorskip("diffusers")
@@ -27,6 +27,10 @@ def test_float64_maths_by_hand():
     lin = make_betas("linear", T, 1e-4, 0.02)
     assert lin.dtype == torch.float64
     np.testing.assert_allclose(lin.numpy(), 1e-4 + (0.02 - 1e-4) * np.arange(T) / (T - 1), rtol=0, atol=1e-15)
+
+    scaled = make_betas("scaled_linear", T, 1e-4, 0.02)  # Stable Diffusion's: linear in sqrt(beta)
+    root = math.sqrt(1e-4) + (math.sqrt(0.02) - math.sqrt(1e-4)) * np.arange(T) / (T - 1)
+    np.testing.assert_allclose(scaled.numpy(), root**2, rtol=0, atol=1e-15)
 
     f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
     cos = make_betas("cosine", T)
@@ -55,3 +59,28 @@ def test_from_config_and_q_sample():
 def test_unknown_kind_is_an_error():
     with pytest.raises(ValueError, match="quadratic"):
         make_betas("quadratic", 10)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_training_target_by_hand(prediction_type):
+    """epsilon -> noise, sample -> x_0, v_prediction -> sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022)."""
+    s = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    a = s.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    want = {"epsilon": noise, "sample": x0,
+            "v_prediction": (a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double()).float()}[prediction_type]
+    torch.testing.assert_close(s.training_target(prediction_type, x0, t, noise), want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="model.prediction_type"):
+        s.training_target("x0", x0, t, noise)
+
+
+def test_v_target_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    s = NoiseSchedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=g), torch.randn(3, 3, 4, 4, generator=g)
+    t = torch.tensor([0, 500, 999])
+    want = diffusers.DDPMScheduler(num_train_timesteps=1000).get_velocity(x0, noise, t)
+    torch.testing.assert_close(s.training_target("v_prediction", x0, t, noise), want, atol=1e-6, rtol=0)

@@ -31,6 +31,15 @@ def plain_config(config) -> dict:
     return {k: plain(v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
+def unet_folder(folder: str | Path) -> Path:
+    """The UNet2DModel folder of ``folder``: itself (config.json) or, for a pipeline folder, its ``unet/``."""
+    folder = Path(folder)
+    for candidate in (folder, folder / "unet"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{folder}: not a diffusers UNet2DModel folder (config.json) nor a pipeline folder (unet/config.json)")
+
+
 class DiffusersUNet(nn.Module):
     """Wraps ``unet: UNet2DModel``; exposes sample_size, in_channels, num_classes like :class:`UNet`."""
 
@@ -45,12 +54,10 @@ class DiffusersUNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "DiffusersUNet":
-        """Load ``folder`` (config.json + diffusion_pytorch_model.safetensors/.bin) from disk."""
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a diffusers UNet2DModel folder (no config.json)")
+        """Load a UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin) or a pipeline
+        folder (model_index.json + unet/) from disk."""
         UNet2DModel = import_unet2d()
-        return cls(UNet2DModel.from_pretrained(str(folder), local_files_only=True))
+        return cls(UNet2DModel.from_pretrained(str(unet_folder(folder)), local_files_only=True))
 
     @classmethod
     def from_config(cls, config: dict) -> "DiffusersUNet":

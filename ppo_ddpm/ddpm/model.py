@@ -20,10 +20,11 @@ from ..config import ConfigError, ModelConfig, config_from_dict
 from ..utils.checkpoint import (
     CheckpointError, atomic_save, atomic_write_text, load_safetensors, read_json, safe_load, save_safetensors,
 )
-from .diffusers_unet import DiffusersUNet
+from .diffusers_unet import DiffusersUNet, unet_folder
 from .unet import UNet
 
-ARCH_FIELDS = ("sample_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "num_classes")
+ARCH_FIELDS = ("sample_size", "in_channels", "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions", "num_classes",
+               "prediction_type")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -107,9 +108,12 @@ def _check_diffusers(model: DiffusersUNet, cfg: ModelConfig | None, path: Path) 
 
 def _model_from_meta(meta: dict, cfg: ModelConfig | None, path: Path) -> tuple[nn.Module, dict | None]:
     """The architecture named by a file's metadata (or by ``cfg``), freshly initialised."""
-    if meta.get("arch") == "diffusers":
-        return _check_diffusers(DiffusersUNet.from_config(meta["diffusers_config"]), cfg, path), None
     file_cfg = meta.get("config")
+    if meta.get("arch") == "diffusers":
+        pred = (file_cfg or {}).get("prediction_type")
+        if cfg is not None and pred is not None and pred != cfg.prediction_type:
+            raise CheckpointError(f"{path}: model.prediction_type: file {pred!r} vs config {cfg.prediction_type!r}")
+        return _check_diffusers(DiffusersUNet.from_config(meta["diffusers_config"]), cfg, path), None
     if cfg is None:
         if file_cfg is None:
             raise CheckpointError(f"{path}: no model config stored with the weights; pass model_cfg")
@@ -128,9 +132,12 @@ def load_model(path: str | Path, model_cfg: ModelConfig | None = None) -> nn.Mod
     """
     path = Path(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: a folder must be a diffusers UNet2DModel (config.json + weights)")
-        return _check_diffusers(DiffusersUNet.from_pretrained(path), model_cfg, path)
+        try:
+            folder = unet_folder(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: a folder must be a diffusers UNet2DModel (config.json + weights) "
+                                  "or a pipeline folder (model_index.json, unet/, scheduler/)") from None
+        return _check_diffusers(DiffusersUNet.from_pretrained(folder), model_cfg, path)
     if path.suffix == ".safetensors":
         state, _ = load_safetensors(path)
         sidecar = path.with_suffix(".json")

@@ -1,10 +1,14 @@
 """Noise schedules beta_1..beta_T, computed in float64 and stored as float32 buffers.
 
 - ``linear`` (Ho et al. 2020): beta_t = linspace(beta_start, beta_end, T).
+- ``scaled_linear`` (Stable Diffusion): beta_t = linspace(sqrt(beta_start), sqrt(beta_end), T)^2.
 - ``cosine`` (Nichol & Dhariwal 2021, diffusers' ``squaredcos_cap_v2``):
   abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2),  beta_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999).
 
 alpha_t = 1 - beta_t and abar_t = prod_{s<=t} alpha_s (``alphas_cumprod``).
+
+Pretraining target of each ``model.prediction_type`` (x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps):
+epsilon -> eps, sample -> x_0, v_prediction -> v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0.
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, be
     T = num_train_timesteps
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2
     if kind == "cosine":
         def abar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return torch.tensor([min(1 - abar((t + 1) / T) / abar(t / T), 0.999) for t in range(T)], dtype=torch.float64)
-    raise ValueError(f"schedule.kind must be 'linear' or 'cosine', got {kind!r}")
+    raise ValueError(f"schedule.kind must be 'linear', 'scaled_linear' or 'cosine', got {kind!r}")
 
 
 class NoiseSchedule(nn.Module):
@@ -47,3 +53,14 @@ class NoiseSchedule(nn.Module):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with per-sample t [B]."""
         abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def training_target(self, prediction_type: str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output at ``q_sample(x0, t, noise)`` (module docstring), [B, ...]."""
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "sample":
+            return x0
+        if prediction_type == "v_prediction":
+            abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        raise ValueError(f"model.prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")

@@ -1,18 +1,19 @@
-"""Pass 1 pieces: start/step noise, the no-grad DDIM rollout loop, the no-grad ratio pass,
-advantages. The loops are plain functions of static buffers, so the same code runs eagerly
-(CPU) and inside a CUDA graph (``graphs.py``): identical maths on both paths.
+"""Pass 1 pieces: start/step noise, the no-grad DDIM rollout, the no-grad ratio pass, advantages.
+The loops are plain functions of static buffers, so the same code runs eagerly (CPU) and inside a
+CUDA graph (``graphs.py``): identical maths on both paths.
 
-One episode is the DDIM reverse process x_T -> x_0 with the plan's n steps (step i = i-th
-network call, from timestep t_i). With the stored state x_i (``cache.state(i)``):
+One episode is the DDIM reverse process x_T -> x_0 with the plan's n steps (step i = i-th network
+call, from timestep t_i), run by ``ddpm.sample.ddim_loop``. With the stored state x_i (``cache.state(i)``):
 
     eps_i    = policy(x_i, t_i, y)
     x_{i+1}  = mu_i + sigma_i z_i,       mu_i = DDIM mean (``ddpm.ddim``), z_i ~ N(0, I)
-    action   = cache.state(i+1)          (x_{i+1} rounded to the cache's state dtype)
-    logp_i   = log N(action; mu_i, s_i^2 I),  s_i = max(sigma_i, sigma_floor)
+    logp_i   = log N(x_{i+1}; mu_i, s_i^2 I),  s_i = max(sigma_i, sigma_floor),  float64
 
-The log-prob is scored on the *stored* action by the very call the ratio pass makes
-(``ddim_step(..., x_prev=action)``), so at unchanged parameters log r = logp_new - logp_old is
-exactly 0, for fp32 and bf16 storage alike.
+x_{i+1} is written straight into the cache (its state dtype, f32 or bf16) by the one ``ddim_step``
+call of the step, and logp_i scores the action as stored, so at unchanged parameters
+log r = logp_new - logp_old is exactly 0, for f32 and bf16 storage alike. Only the stochastic steps
+(sigma_i > 0, ``DDIMPlan.stochastic_steps``) are actions of the policy: a deterministic step
+(sigma_i = 0, e.g. the last one with set_alpha_to_one) belongs to the environment and has no log-prob.
 """
 from __future__ import annotations
 
@@ -25,33 +26,35 @@ import torch
 
 from ..config import ConfigError
 from ..ddpm.ddim import DDIMPlan
+from ..ddpm.sample import ddim_loop
 
 
 def kernel_ops(use_kernels: bool) -> SimpleNamespace:
     """The fused ops of ``ppo_ddpm.kernels`` (Triton on CUDA / under TRITON_INTERPRET, else their
     reference) when ``use_kernels``, else the pure-PyTorch references."""
-    from .. import kernels as K
+    from .. import kernels
 
     if use_kernels:
-        return SimpleNamespace(ddim_step=K.ddim_step, log_ratio=K.gaussian_log_ratio_from_logprob,
-                               trajectory_ppo=K.trajectory_ppo)
-    return SimpleNamespace(ddim_step=K.ddim_step_reference, log_ratio=K.gaussian_log_ratio_from_logprob_reference,
-                           trajectory_ppo=K.trajectory_ppo_reference)
+        return SimpleNamespace(ddim_step=kernels.ddim_step, log_ratio=kernels.gaussian_log_ratio_from_logprob,
+                               trajectory_ppo=kernels.trajectory_ppo)
+    return SimpleNamespace(ddim_step=kernels.ddim_step_reference, log_ratio=kernels.gaussian_log_ratio_from_logprob_reference,
+                           trajectory_ppo=kernels.trajectory_ppo_reference)
 
 
-def check_sigma_floor(plan: DDIMPlan, sigma_floor: float) -> None:
-    """Host-side, once: a step with sigma_t = 0 and no floor has no density (log-prob undefined).
-    Raises ConfigError (a ValueError) naming ppo.sigma_floor."""
+def check_policy_steps(plan: DDIMPlan, sigma_floor: float) -> list[int]:
+    """Host-side, once: the stochastic steps of ``plan`` (the policy's actions). Raises ConfigError (a
+    ValueError) when there are none: with every sigma_t = 0 (sampling.eta = 0) the sampler is
+    deterministic and there is nothing for PPO to optimise."""
     if sigma_floor < 0:
         raise ConfigError(f"ppo.sigma_floor must be >= 0, got {sigma_floor}")
-    zero = (plan.sigma.cpu() <= 0).nonzero().flatten().tolist()
-    if zero and sigma_floor == 0:
+    steps = plan.stochastic_steps()
+    if not steps:
         raise ConfigError(
-            f"DDIM steps {zero} (timesteps {plan.timesteps.cpu()[zero].tolist()}) are deterministic (sigma_t = 0), "
-            "so their log-probs are undefined and PPO ratios cannot be computed. Set ppo.sigma_floor > 0 "
-            "(log-probs then use s_t = max(sigma_t, sigma_floor)), or make every step stochastic: "
-            "sampling.eta > 0 and sampling.set_alpha_to_one: false"
+            f"every DDIM step is deterministic (sigma_t = 0 at timesteps {plan.timesteps.cpu().tolist()}): the "
+            "sampler has no randomness, so there is no policy to optimise. Set sampling.eta > 0 (1.0: DDPM-like), "
+            "or ppo.sample_at_floor: true with ppo.sigma_floor > 0"
         )
+    return steps
 
 
 def derive_seed(*keys: int) -> int:
@@ -108,46 +111,39 @@ class RolloutNoise:
             self.labels.copy_(other.labels)
         return self
 
-    @classmethod
-    def cat(cls, parts: list["RolloutNoise"]) -> "RolloutNoise":
-        """Concatenate explicit shards along the batch: the global batch of several ranks' seeds."""
-        labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
-        return cls(torch.cat([p.x_T for p in parts]), labels, torch.cat([p.z for p in parts], 1))
-
 
 def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise: Callable[[int], torch.Tensor], ops,
-                 *, clip_x0, sigma_floor: float) -> None:
-    """Fill ``cache`` states 0..n and log-probs 0..n-1 (formulas in the module docstring).
+                 policy_steps: list[int], *, clip_x0, sigma_floor: float, prediction_type: str = "epsilon") -> None:
+    """Fill ``cache`` states 0..n and the log-probs of ``policy_steps`` (module docstring).
 
     ``step_noise(i)`` gives z_i [B, C, H, W] (drawn in place into one buffer, or read from explicit
     noise). No host syncs and no data-dependent shapes: capturable in a CUDA graph.
     """
-    B, dtype = noise.x_T.shape[0], noise.x_T.dtype
+    stochastic = set(policy_steps)
+
+    def record(i, x, x_next, mu, log_prob):
+        if i in stochastic:
+            cache.record_logprob(i, log_prob)
+
     cache.record_state(0, noise.x_T)
-    x = cache.state(0).to(dtype)
-    for i in range(plan.num_steps):
-        t, *coefs = plan.step(i, B)
-        eps = policy(x, t, noise.labels)
-        x_next, _, _ = ops.ddim_step(x, eps, *coefs, noise=step_noise(i), clip_x0=clip_x0, sigma_floor=sigma_floor)
-        cache.record_state(i + 1, x_next)
-        action = cache.state(i + 1).to(dtype)
-        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
-        cache.record_logprob(i, log_prob)
-        x = action
+    ddim_loop(policy, plan, cache.state(0).to(noise.x_T.dtype), noise.labels, noise=step_noise, step_fn=ops.ddim_step,
+              clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type, store=cache.state, visit=record)
 
 
-def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, first_step: int, out: torch.Tensor, ops,
-               *, clip_x0, sigma_floor: float, dtype: torch.dtype) -> torch.Tensor:
-    """No-grad ratio pass: out[j, b] = logp_theta(x_{i+1} | x_i) - logp_old[i], i = first_step + j, for the
-    samples ``rows`` [m] (raw per-step log r, unclipped). ``out``: [n - first_step, m]. Capturable."""
+def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, steps: list[int], out: torch.Tensor, ops,
+               *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int, prediction_type: str = "epsilon") -> torch.Tensor:
+    """No-grad ratio pass: out[j, b] = (logp_theta(x_{i+1} | x_i) - logp_old[i]) / divisor at the step
+    i = steps[j], for the samples ``rows`` [m] (raw per-step log r, unclipped; divisor 1 for the sum
+    reduction, D for the mean). ``out``: [len(steps), m] float64. Capturable."""
     m = rows.shape[0]
-    for j, i in enumerate(range(first_step, plan.num_steps)):
+    for j, i in enumerate(steps):
         x = cache.state(i).index_select(0, rows).to(dtype)
         action = cache.state(i + 1).index_select(0, rows).to(dtype)
         t, *coefs = plan.step(i, m)
         eps = policy(x, t, labels)
-        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
-        out[j].copy_(log_prob - cache.log_probs[i].index_select(0, rows))
+        _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor,
+                                       prediction_type=prediction_type)
+        out[j].copy_((log_prob - cache.log_probs[i].index_select(0, rows)) / divisor)
     return out
 
 

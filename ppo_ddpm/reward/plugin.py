@@ -1,9 +1,11 @@
 """Plug-in rewards: ``reward.function: "package.module:function"`` (attribute paths may be dotted).
 
-The function is called as ``f(x0, class_labels)`` if it takes two positional arguments (or
-``*args``), else ``f(x0)``; it must return one number per image ([B] tensor, array or list).
+The function is called as ``f(x0, class_labels)`` if it takes two positional arguments other
+than ``step`` (or ``*args``), else ``f(x0)``; it must return one number per image ([B] tensor, array or list).
+Opt-in metadata by keyword: a parameter named ``class_labels`` gets the labels [B] (or None), one
+named ``step`` (or ``**kwargs``) the PPO iteration (``reward.context.current_step()``, None outside PPO).
 It gets a *copy* of x0 (and of the labels): editing it in place cannot touch the rollout cache.
-A function that cannot take x0, or that raises, is a :class:`RewardError` naming ``reward.function``.
+A function that cannot be called so, or that raises, is a :class:`RewardError` naming ``reward.function``.
 """
 from __future__ import annotations
 
@@ -15,34 +17,50 @@ from typing import Callable, Optional
 import torch
 
 from .base import RewardError
+from .context import current_step
 
 
-def _takes_labels(fn: Callable, where: str) -> bool:
-    """Whether ``fn`` is called with class_labels; RewardError when it cannot be called with x0."""
+def _call_plan(fn: Callable, where: str) -> tuple[bool, bool, bool]:
+    """(labels positional, labels by keyword, step by keyword) for calling ``fn``: class_labels go second
+    when ``fn`` takes two positional arguments other than ``step`` (or ``*args``), else by keyword if it
+    has a ``class_labels`` parameter; ``step`` by keyword if it has a ``step`` parameter or ``**kwargs``.
+    RewardError when ``fn`` cannot be called so."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: pass x0 only
-        return False
-    for args in ((0, 0), (0,)):
-        try:
-            sig.bind(*args)
-            return len(args) == 2
-        except TypeError:
-            continue
-    raise RewardError(f"{where}: cannot be called as f(x0) or f(x0, class_labels); its signature is {sig}")
+        return False, False, False
+    params = sig.parameters.values()
+    by_name = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    wants_step = "step" in by_name or any(p.kind is p.VAR_KEYWORD for p in params)
+    named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "step"]
+    positional = any(p.kind is p.VAR_POSITIONAL for p in params) or len(named) >= 2
+    keyword_labels = not positional and "class_labels" in by_name
+    kw = dict.fromkeys(["step"] * wants_step + ["class_labels"] * keyword_labels, None)
+    try:
+        sig.bind(*((0, 0) if positional else (0,)), **kw)
+    except TypeError:
+        raise RewardError(f"{where}: cannot be called as f(x0) or f(x0, class_labels) (optional keywords: "
+                          f"class_labels, step); its signature is {sig}") from None
+    return positional, keyword_labels, wants_step
 
 
 class PluginReward:
-    """``fn`` called on copies of its inputs; an exception inside it becomes a RewardError naming the plug-in."""
+    """``fn`` called on copies of its inputs, with the metadata it asks for (module docstring); an
+    exception inside it becomes a RewardError naming the plug-in."""
 
-    def __init__(self, fn: Callable, spec: str, takes_labels: bool):
-        self.fn, self.spec, self.takes_labels = fn, spec, takes_labels
+    def __init__(self, fn: Callable, spec: str):
+        self.fn, self.spec = fn, spec
+        self.labels_positional, self.labels_keyword, self.wants_step = _call_plan(fn, f"reward.function={spec!r}")
 
     def __call__(self, x0: torch.Tensor, class_labels: Optional[torch.Tensor] = None):
         x0 = x0.clone()
         labels = None if class_labels is None else class_labels.clone()
+        args = (x0, labels) if self.labels_positional else (x0,)
+        kw = {"step": current_step()} if self.wants_step else {}
+        if self.labels_keyword:
+            kw["class_labels"] = labels
         try:
-            return self.fn(x0, labels) if self.takes_labels else self.fn(x0)
+            return self.fn(*args, **kw)
         except Exception as e:
             frame = traceback.extract_tb(e.__traceback__)[-1]
             raise RewardError(f"reward.function={self.spec!r} raised {type(e).__name__}: {e} "
@@ -65,4 +83,4 @@ def load_plugin(spec: str) -> PluginReward:
         obj = getattr(obj, part)
     if not callable(obj):
         raise RewardError(f"{where}: {attr_path!r} is a {type(obj).__name__}, not callable")
-    return PluginReward(obj, spec, _takes_labels(obj, where))
+    return PluginReward(obj, spec)

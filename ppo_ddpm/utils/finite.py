@@ -1,4 +1,5 @@
-"""The divergence guard: a run whose parameters or loss stop being finite stops with a named error."""
+"""Non-finite values: the divergence guard (a run whose parameters or loss stop being finite stops with
+a named error), and how a report writes a number that may be NaN / inf (JSON null, ``n/a``)."""
 from __future__ import annotations
 
 import math
@@ -32,3 +33,13 @@ def divergence(model: nn.Module, loss: Optional[float] = None, nonfinite_samples
     if nonfinite_samples:
         parts.append(f"{int(nonfinite_samples)} samples with NaN/inf pixels")
     return "; ".join(parts) or None
+
+
+def finite_or_none(v: float) -> Optional[float]:
+    """``v``, or None (JSON null) when it is NaN / inf."""
+    return v if math.isfinite(v) else None
+
+
+def format_number(v: Optional[float], spec: str) -> str:
+    """``format(v, spec)``, or ``n/a`` for None (a value that was not finite)."""
+    return "n/a" if v is None else format(v, spec)

@@ -1,0 +1,213 @@
+"""``python -m ppo_ddpm.study``: does the objective raise the reward for the right reason?
+
+For every reward, objective variant and seed it fine-tunes the embedded default twice with the same
+budget, once on the reward and once on ``reward.kind: random`` (the control: the same updates, driven
+by noise), then evaluates both against the base model on the same noise (``ppo_ddpm.eval``) and
+writes one table row: reward gain and gain over the control (with standard errors), win rate, the
+training diagnostics (fraction of samples keeping a gradient, clip fraction, share of the ratio carried
+by the largest step), diversity, KID and grain against the real data, the verdict and the wall time.
+
+    python -m ppo_ddpm.study --out runs/study                       # the table of docs/objective.md
+    python -m ppo_ddpm.study --variants default --rewards model --seeds 0   # one row
+
+Each seed pretrains its own base model and reward model (the embedded pipeline, once per seed, shared
+by every variant and reward of that seed). Runs are subprocesses (``--jobs`` at a time, one thread
+each); a finished run (its finetuned.pth exists) is not trained again and a seed's recorded pipeline
+stages are reused (an interrupted pretraining continues from its checkpoint), so an interrupted study
+resumes and a finished one, run again, only re-evaluates. A value that is not finite (a diverged model)
+reads ``n/a`` in the table and ``null`` in results.json.
+Outputs under ``--out``: ``results.json`` (every row), ``table.md`` and ``grids/`` (base | fine-tuned
+side-by-side PNGs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .config import load_config
+from .utils.checkpoint import atomic_write_text
+from .utils.cli import clear_errors
+from .utils.finite import finite_or_none, format_number
+from .utils.lock import RunLock
+
+# name -> overrides of the embedded default (the first is the shipped default: no overrides)
+VARIANTS = {
+    "default": [],
+    "trajectory-sum": ["ppo.objective=trajectory", "ppo.log_prob_reduction=sum"],
+    "trajectory-mean": ["ppo.objective=trajectory", "ppo.log_prob_reduction=mean"],
+    "per_step (DDPO)": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null", "ppo.grad_mask=ppo"],
+}
+REWARDS = {
+    "model": [],
+    "jpeg_compressibility": ["reward.kind=jpeg_compressibility"],
+    "jpeg_incompressibility": ["reward.kind=jpeg_incompressibility"],
+}
+CONTROL = ["reward.kind=random"]
+TRAIN_KEYS = ("keep_frac", "clipfrac", "top_step_share")
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _run(args: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "ppo_ddpm.finetune", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); see {log}")
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _train_means(run_dir: Path) -> dict[str, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    values = {k: [r[k] for r in rows if k in r] for k in TRAIN_KEYS}  # absent (e.g. one epoch): None, not 0
+    return {k: finite_or_none(sum(v) / len(v)) if v else None for k, v in values.items()}
+
+
+def prepare_base(cfg_file: str | None, seed: int, out: Path, overrides: list[str] = ()) -> list[str]:
+    """Run the embedded pipeline for ``seed`` once (data, pretrain, reward model; ``overrides`` as for every
+    run); -> the overrides that point a run at its outputs. Run again, it reuses the stages pipeline.json
+    records and continues an interrupted one (``resume``)."""
+    from .pipeline import prepare
+
+    folder = out / f"base_seed{seed}"
+    cfg = load_config(cfg_file, [*overrides, f"seed={seed}", f"output_dir={folder}", "device=cpu"], validate=True)
+    with RunLock(folder):
+        cfg = prepare(cfg, resume=True)
+    return [f"model.pretrained={cfg.model.pretrained}", f"reward.model_path={cfg.reward.model_path}",
+            f"data.root={cfg.data.root}", f"seed={seed}", "device=cpu", "logging.tensorboard=false", "logging.sample_every=0"]
+
+
+def run_dirs(out: Path, variant: str, reward: str, seed: int) -> tuple[Path, Path]:
+    """(fine-tuned on the reward, control) run folders; the control is shared by every reward."""
+    return (out / "runs" / _slug(reward) / _slug(variant) / f"seed{seed}",
+            out / "runs" / "control" / _slug(variant) / f"seed{seed}")
+
+
+def train(cfg_file: str | None, overrides: list[str], path: Path) -> float | None:
+    """Fine-tune into ``path`` unless a finished run is there; -> wall seconds (None: done earlier)."""
+    if (path / "finetuned.pth").is_file():  # written once, after the last PPO iteration
+        return None
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    t0 = time.perf_counter()
+    _run(([] if cfg_file is None else ["--cfg", cfg_file]) + _sets(overrides + [f"output_dir={path}"]), path.parent / f"{path.name}.log")
+    return time.perf_counter() - t0
+
+
+def evaluate_row(cfg_file: str | None, base_sets: list[str], variant: str, reward: str, seed: int, out: Path,
+                 wall_s: float | None) -> dict:
+    """Evaluate the fine-tuned model against the base and the control; summarise one row."""
+    from .eval import evaluate
+
+    run, ctrl = run_dirs(out, variant, reward, seed)
+    cfg = load_config(cfg_file, base_sets + VARIANTS[variant] + REWARDS[reward] + [f"output_dir={run}"])
+    result = evaluate(cfg, cfg.model.pretrained, str(run / "finetuned.pth"), control_path=str(ctrl / "finetuned.pth"))
+    grid = out / "grids" / f"{_slug(reward)}-{_slug(variant)}-seed{seed}.png"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "eval" / "side_by_side.png", grid)
+    return {
+        "reward": reward, "variant": variant, "seed": seed,
+        "gain": result["reward_gain"], "gain_se": result["reward_gain_se"],
+        "control_gain": result["control_reward_gain"], "gain_over_control": result["gain_over_control"],
+        "gain_over_control_se": result["gain_over_control_se"], "win_rate": result["win_rate"],
+        **_train_means(run),
+        "diversity_ratio": _ratio(result["finetuned_diversity"], result["base_diversity"]),
+        "kid_base": result["base"].get("kid"), "kid_finetuned": result["finetuned"].get("kid"),
+        "grain_base": result["base"]["grain"], "grain_finetuned": result["finetuned"]["grain"],
+        "grain_real": result.get("real", {}).get("grain"),
+        "verdict": result["verdict"], "verdict_reasons": result["verdict_reasons"],
+        "wall_s": wall_s, "grid": str(grid.relative_to(out)),
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is unknown (a non-finite model) or b is 0."""
+    return None if a is None or not b else finite_or_none(a / b)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (reward, variant, seed)."""
+    head = ("| reward | variant | seed | gain ± se | control gain | gain over control ± se | win rate | keep | clip | "
+            "top-step share | diversity ×base | KID ft / base | grain ft / base / real | verdict | PPO wall s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        f = lambda key, spec: format_number(r[key], spec)  # noqa: E731
+        lines.append(
+            f"| {r['reward']} | {r['variant']} | {r['seed']} | {f('gain', '+.3f')} ± {f('gain_se', '.3f')} | "
+            f"{f('control_gain', '+.3f')} | {f('gain_over_control', '+.3f')} ± {f('gain_over_control_se', '.3f')} | "
+            f"{f('win_rate', '.2f')} | {f('keep_frac', '.2f')} | {f('clipfrac', '.2f')} | {f('top_step_share', '.2f')} | "
+            f"{f('diversity_ratio', '.2f')} | {f('kid_finetuned', '.4f')} / {f('kid_base', '.4f')} | "
+            f"{f('grain_finetuned', '.3f')} / {f('grain_base', '.3f')} / {f('grain_real', '.3f')} | {r['verdict']} | "
+            f"{f('wall_s', '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ppo_ddpm.study", description=__doc__.split("\n")[0])
+    parser.add_argument("--cfg", default=None, help="base config (default: the embedded default)")
+    parser.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="add a variant, e.g. 'lr3e-5:ppo.lr=0.00003,ppo.num_epochs=2' (repeatable; run by default)")
+    parser.add_argument("--variants", nargs="+", default=None, help=f"run only these variants (built in: {list(VARIANTS)})")
+    parser.add_argument("--rewards", nargs="+", default=list(REWARDS), help=f"subset of {list(REWARDS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra override for every run (e.g. ppo.iterations=10)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    args = parser.parse_args(argv)
+    for spec in args.extra_variants:
+        name, sep, sets = spec.partition(":")
+        if not sep or not name:
+            print(f"error: --variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]", file=sys.stderr)
+            return 2
+        VARIANTS[name] = [x for x in sets.split(",") if x]
+    if args.variants is None:
+        args.variants = list(VARIANTS)
+    for name, known in (("variant", VARIANTS), ("reward", REWARDS)):
+        for v in getattr(args, name + "s"):
+            if v not in known:
+                print(f"error: unknown {name} {v!r}; known: {', '.join(known)}", file=sys.stderr)
+                return 2
+    out = Path(args.out)
+    try:
+        load_config(args.cfg, args.overrides, validate=True)  # a bad config or override fails before any run
+        with RunLock(out):  # one study per folder (each run locks its own folder too)
+            rows = _study(args, out)
+            atomic_write_text(json.dumps(rows, indent=2, allow_nan=False), out / "results.json")
+            atomic_write_text(table(rows), out / "table.md")
+    except (*clear_errors(), RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(rows))
+    return 0
+
+
+def _study(args: argparse.Namespace, out: Path) -> list[dict]:
+    """Prepare every seed's base, train every run not finished yet, evaluate every row."""
+    bases = {s: prepare_base(args.cfg, s, out, args.overrides) + args.overrides for s in args.seeds}
+    rows_keys = [(v, r, s) for r in args.rewards for v in args.variants for s in args.seeds]
+    trainings = {}  # run folder -> overrides; each control once per (variant, seed)
+    for v, r, s in rows_keys:
+        run, ctrl = run_dirs(out, v, r, s)
+        trainings[run] = bases[s] + VARIANTS[v] + REWARDS[r]
+        trainings[ctrl] = bases[s] + VARIANTS[v] + CONTROL
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        walls = dict(zip(trainings, pool.map(lambda item: train(args.cfg, item[1], item[0]), trainings.items())))
+    return [evaluate_row(args.cfg, bases[s], v, r, s, out, walls[run_dirs(out, v, r, s)[0]]) for v, r, s in rows_keys]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""python -m ppo_ddpm.study: a finished study run again reuses its bases and runs (nothing retrained), and
+values that are not finite (None) read n/a in the table instead of crashing it."""
+import json
+
+import pytest
+
+from ppo_ddpm.study import _ratio, main, table
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.sample_size=8", "data.image_size=8", "model.base_channels=8", "model.channel_mults=[1]",
+        "model.attention_resolutions=[]", "sampling.num_inference_steps=3", "data.procedural_count=16",
+        "pretrain.steps=4", "pretrain.batch_size=4", "reward.train_steps=4", "reward.batch_size=8", "reward.num_fake=16",
+        "ppo.iterations=1", "ppo.batch_size=4", "ppo.microbatch=4", "ppo.group_buffer_size=4", "ppo.group_min_count=2",
+        "eval.num_samples=4", "eval.batch_size=4"]
+
+
+def test_a_study_run_again_reuses_everything(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--seeds", "0", "--variants", "default", "--rewards", "model", "--jobs", "1"]
+    argv += [a for s in TINY for a in ("--set", s)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "[pipeline] pretrain: running" in first
+    rows = json.loads((out / "results.json").read_text())
+    finished = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("finetuned.pth")}
+    assert len(rows) == 1 and len(finished) == 2  # the run on the reward and its random-reward control
+
+    assert main(argv) == 0  # the same command on the finished study: reuse, never refuse
+    second = capsys.readouterr().out
+    assert "[pipeline] pretrain: done earlier" in second and "[pipeline] reward: done earlier" in second
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("finetuned.pth")} == finished  # not retrained
+    again = json.loads((out / "results.json").read_text())
+    assert again[0]["gain"] == rows[0]["gain"] and again[0]["wall_s"] is None  # same evaluation; nothing trained
+
+
+def test_unknown_values_read_n_a():
+    row = {"reward": "model", "variant": "default", "seed": 0, "gain": None, "gain_se": None, "control_gain": 0.1,
+           "gain_over_control": None, "gain_over_control_se": None, "win_rate": None, "keep_frac": None,
+           "clipfrac": 0.5, "top_step_share": None, "diversity_ratio": _ratio(None, 3.0), "kid_base": 0.1,
+           "kid_finetuned": None, "grain_base": 0.2, "grain_finetuned": None, "grain_real": None,
+           "verdict": "non-finite", "wall_s": None}
+    line = table([row]).splitlines()[2]
+    assert "| n/a ± n/a | +0.100 |" in line and "| non-finite |" in line
+    assert _ratio(2.0, 4.0) == 0.5 and _ratio(1.0, 0.0) is None
