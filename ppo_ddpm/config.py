@@ -214,10 +214,15 @@ def _label_target_problem(kind: str, target_class: int, num_classes: int) -> Opt
                 "target_class < 0 scores each sample's class label, but the model is unconditional")
 
 
-def _unless_terms(problem: Callable[..., Optional[str]]) -> Callable[..., Optional[str]]:
-    """``problem`` of the single reward (kind, model_path, ...), skipped when ``reward.terms`` (the
-    last value) replaces it."""
-    return lambda *values: None if values[-1] else problem(*values[:-1])
+def _unless(skip: Callable[[Any], bool], problem: Callable[..., Optional[str]]) -> Callable[..., Optional[str]]:
+    """``problem`` of all values but the last, skipped when ``skip(last value)``: e.g. the single reward's
+    checks when ``reward.terms`` replaces it, our UNet's when ``model.pretrained`` is a diffusers folder."""
+    return lambda *values: None if skip(values[-1]) else problem(*values[:-1])
+
+
+def _is_folder(path: str) -> bool:
+    """A diffusers folder in ``model.pretrained`` brings its own UNet2DModel architecture."""
+    return path != "" and Path(path).is_dir()
 
 
 def _terms_problem(reward: "RewardConfig", sample_size: int, in_channels: int, num_classes: int,
@@ -290,9 +295,11 @@ class ModelConfig:
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
 
     RULES: ClassVar[tuple] = (
-        Check(("sample_size", "channel_mults"), lambda s, m: need(
+        Check(("sample_size", "channel_mults", "pretrained"), _unless(_is_folder, lambda s, m: need(
             s % 2 ** (len(m) - 1) == 0, "model.sample_size must be divisible by 2^(len(model.channel_mults) - 1)")),
-        Check(("sample_size", "channel_mults", "attention_resolutions"), _attention_problem),
+              show=("sample_size", "channel_mults")),
+        Check(("sample_size", "channel_mults", "attention_resolutions", "pretrained"), _unless(_is_folder, _attention_problem),
+              show=("sample_size", "channel_mults", "attention_resolutions")),
     )
 
 
@@ -391,7 +398,7 @@ class RewardConfig:
     num_fake: int = rule(512, ge=1)  # fakes sampled from the base DDPM when data has no fake/ folder
 
     RULES: ClassVar[tuple] = (
-        Check(("kind", "function", "terms"), _unless_terms(_plugin_problem), show=("kind", "function")),
+        Check(("kind", "function", "terms"), _unless(bool, _plugin_problem), show=("kind", "function")),
     )
 
 
@@ -486,9 +493,9 @@ class Config:
         Check(("sampling.num_inference_steps", "schedule.num_train_timesteps"), lambda n, T: need(
             n <= T, "sampling.num_inference_steps must be <= schedule.num_train_timesteps")),
         Check(("reward.kind", "reward.target_class", "model.num_classes", "reward.terms"),
-              _unless_terms(_label_target_problem), show=("reward.kind", "reward.target_class", "model.num_classes")),
+              _unless(bool, _label_target_problem), show=("reward.kind", "reward.target_class", "model.num_classes")),
         Check(("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels", "data.root", "reward.terms"),
-              _unless_terms(_reward_model_problem),
+              _unless(bool, _reward_model_problem),
               show=("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels", "data.root")),
         Check(("reward", "model.sample_size", "model.in_channels", "model.num_classes", "data.root"), _terms_problem,
               show=("reward.terms", "reward.model_path")),

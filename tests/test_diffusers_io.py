@@ -213,3 +213,24 @@ def test_configs_diffusers_yaml_follows_the_folder(pipeline_folder):
     assert (cfg.schedule.kind, cfg.schedule.num_train_timesteps, cfg.model.prediction_type) == ("scaled_linear", 500, "v_prediction")
     assert (cfg.sampling.clip_x0, cfg.sampling.set_alpha_to_one, cfg.sampling.steps_offset) == (None, False, 1)
     assert cfg.sampling.num_inference_steps == 50 and cfg.reward.kind == "jpeg_compressibility"
+
+
+
+def test_configs_diffusers_yaml_passes_validation(pipeline_folder, tmp_path, capsys):
+    """The CLIs validate the whole config: our UNet's architecture keys (channel_mults, attention) are not
+    checked against a diffusers folder's own UNet2DModel, and a value the folder brought is named with it."""
+    from pathlib import Path
+
+    from ppo_ddpm.config import ConfigError
+    from ppo_ddpm.finetune import main as finetune_main
+
+    yaml_path = Path(__file__).resolve().parents[1] / "configs" / "diffusers.yaml"
+    sets = [f"model.pretrained={pipeline_folder}", "model.sample_size=8", "data.image_size=8", f"output_dir={tmp_path / 'run'}"]
+    cfg = load_config(yaml_path, sets, validate=True)
+    assert cfg.model.attention_resolutions == [8] and cfg.sampling.steps_offset == 1  # [8] is no resolution of our UNet
+    with pytest.raises(ConfigError, match="model.attention_resolutions = \\[8\\]"):
+        load_config(yaml_path, [f"output_dir={tmp_path / 'run'}"], validate=True)  # our 32 px UNet: it is checked
+    bad = sets + ["sampling.num_inference_steps=500", "sampling.spacing=leading"]  # leading + the folder's steps_offset 1
+    assert finetune_main(["--cfg", str(yaml_path)] + [a for s in bad for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.steps_offset = 1" in err and "outside [0, 499]" in err and f"{pipeline_folder} (scheduler config)" in err
