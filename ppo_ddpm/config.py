@@ -508,10 +508,19 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
-def _get(obj: Any, dotted: str) -> Any:
+def get_dotted(obj: Any, dotted: str) -> Any:
+    """The value of the dotted key ``dotted`` (``ppo.lr``) of a config object."""
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf value}: ``{"ppo": {"lr": 1}} -> {"ppo.lr": 1}``."""
+    out = {}
+    for k, v in data.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: set[str],
@@ -538,7 +547,7 @@ def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: 
         keys = [prefix + k for k in check.keys]
         if not all(wanted(k) for k in keys) or any(b == k or b.startswith(k + ".") for k in keys for b in bad):
             continue
-        problem = check.problem(*(_get(obj, k) for k in check.keys))
+        problem = check.problem(*(get_dotted(obj, k) for k in check.keys))
         if problem:
             found.append((tuple(prefix + k for k in (check.show or check.keys)), problem))
             bad.update(keys)  # later checks over these keys would only repeat the problem
@@ -563,7 +572,7 @@ def validate_config(cfg: Config, origins: Optional[dict[str, str]] = None,
     lines = []
     for keys, problem in found:
         where = list(dict.fromkeys((origins or {}).get(k, fallback) for k in keys))
-        values = ", ".join(f"{k} = {_get(cfg, k)!r}" for k in keys)
+        values = ", ".join(f"{k} = {get_dotted(cfg, k)!r}" for k in keys)
         lines.append(f"{', '.join(where)}: {values}: {problem}")
     if len(lines) == 1:
         raise ConfigError(lines[0])
@@ -677,14 +686,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        out.extend(_leaf_keys(v, key + ".") if isinstance(v, dict) else [key])
-    return out
-
-
 def read_config_file(path: str | Path) -> dict:
     """The mapping of a YAML config file; a missing, unreadable, non-UTF-8 or malformed file is a ConfigError."""
     p = Path(path)
@@ -717,18 +718,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         source = str(path)
         data = read_config_file(path)
-        origins = dict.fromkeys(_leaf_keys(data), str(path))
+        origins = dict.fromkeys(flatten(data), str(path))
     if overrides:
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
-        origins.update(dict.fromkeys(_leaf_keys(apply_overrides({}, overrides)), "--set"))
+        origins.update(dict.fromkeys(flatten(apply_overrides({}, overrides)), "--set"))
     from .ddpm.diffusers_scheduler import apply_pretrained_scheduler  # a diffusers folder brings its scheduler config
 
     given = config_from_dict(data, source)
     cfg = apply_pretrained_scheduler(given, data, source)
     if cfg is not given:
-        origins.update({k: f"{cfg.model.pretrained} (scheduler config)" for k in _leaf_keys(config_to_dict(cfg))
-                        if k not in origins and _get(cfg, k) != _get(given, k)})
+        origins.update({k: f"{cfg.model.pretrained} (scheduler config)" for k in flatten(config_to_dict(cfg))
+                        if k not in origins and get_dotted(cfg, k) != get_dotted(given, k)})
     return validate_config(cfg, origins, sections) if validate else cfg
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, flatten
 from .utils.checkpoint import atomic_write_text, refuse_overwrite
 
 STATE_FILE = "pipeline.json"
@@ -110,9 +110,7 @@ STAGES = (
 
 
 def _stage_config(cfg: Config, stage: Stage) -> dict:
-    from .run_state import flat_config
-
-    flat = flat_config(config_to_dict(cfg))
+    flat = flatten(config_to_dict(cfg))
     picked = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in stage.keys)}
     return {**picked, **stage.derived(cfg)}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, flatten
 
 GRID_WIDTH = 256  # sample grids are enlarged (nearest) to at least this many pixels across
 HPARAM_METRICS = ("ppo/reward_mean", "eval/reward_gain", "eval/win_rate", "eval/kl_drift_total")
@@ -29,13 +29,6 @@ def tensorboard_writer(cfg: Config, purge_step: int | None = None):
     return SummaryWriter(str(Path(cfg.output_dir) / "tb"), purge_step=purge_step)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def log_config(writer, cfg: Config) -> None:
     """The config as YAML text (tag ``config``) and as hparams (every key; lists and null as text),
     linked to the metrics HPARAM_METRICS that the run writes as scalars."""
@@ -44,7 +37,7 @@ def log_config(writer, cfg: Config) -> None:
     data = config_to_dict(cfg)
     text = yaml.safe_dump(data, sort_keys=False)
     writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)  # a markdown code block
-    hp = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in _flat(data).items()}
+    hp = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in flatten(data).items()}
     for summary in hparams(hp, {m: float("nan") for m in HPARAM_METRICS}):
         writer.file_writer.add_summary(summary)
 

@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, config_from_dict, config_to_dict
+from .config import Config, ConfigError, config_from_dict, config_to_dict, flatten
 from .utils.checkpoint import (
     CheckpointError, atomic_copy, atomic_save, atomic_write_text, remove_stale_temp_files, safe_load, zip_intact,
 )
@@ -137,17 +137,6 @@ def _read(path: Path, fmt: str) -> dict:
 # --------------------------------------------------------------------------- config on resume
 
 
-def flat_config(d: dict, prefix: str = "") -> dict:
-    """{"ppo": {"lr": 1}} -> {"ppo.lr": 1}."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
@@ -156,10 +145,10 @@ def check_resumed_config(path: Path, saved: dict, cfg: Config, keys: Iterable[st
     """Refuse (CheckpointError naming ``path`` and the key) a ``cfg`` whose keys under the prefixes
     ``keys`` differ from the checkpoint's config ``saved``, outside RESUMABLE; print differing paths."""
     try:
-        saved = flat_config(config_to_dict(config_from_dict(saved, source=f"{path} (config)")))
+        saved = flatten(config_to_dict(config_from_dict(saved, source=f"{path} (config)")))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    now = flat_config(config_to_dict(cfg))
+    now = flatten(config_to_dict(cfg))
     keys = tuple(keys)
     for key, value in saved.items():
         if not any(key.startswith(k) for k in keys) or _matches(key, RESUMABLE) or now.get(key) == value:

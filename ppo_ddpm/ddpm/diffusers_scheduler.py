@@ -32,7 +32,7 @@ import logging
 import math
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, flatten, get_dotted
 
 log = logging.getLogger(__name__)
 
@@ -94,22 +94,10 @@ def ddim_scheduler_config(cfg: Config) -> dict:
     }
 
 
-def _get(cfg: Config, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
-
-
-def _dotted(data: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in data.items():
-        keys |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-    return keys
 
 
 def apply_pretrained_scheduler(cfg: Config, data: dict | None = None, source: str = "<config>") -> Config:
@@ -130,10 +118,10 @@ def apply_pretrained_scheduler(cfg: Config, data: dict | None = None, source: st
         raise ConfigError(f"{path}: cannot read the scheduler config: {e}") from None
     if not isinstance(sc, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    explicit = _dotted(data or {})
+    explicit = set(flatten(data or {}))
     cfg = copy.deepcopy(cfg)
     for key, value in scheduler_values(sc, path).items():
-        ours = _get(cfg, key)
+        ours = get_dotted(cfg, key)
         if key not in explicit:
             if not _same(ours, value):
                 log.info("%s = %r from %s", key, value, path)
