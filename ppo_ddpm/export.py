@@ -25,13 +25,14 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import Config, ConfigError, add_config_args, config_from_args
+from .config import Config, add_config_args, config_from_args
 from .ddpm.diffusers_scheduler import ddim_scheduler_config
 from .ddpm.diffusers_unet import DiffusersUNet
 from .ddpm.model import load_model, unwrap
 from .ddpm.unet import UNet
 from .ddpm.unet_to_diffusers import ExportError, unet_to_diffusers
 from .utils.checkpoint import CheckpointError
+from .utils.cli import run_cli
 
 EXPORT_SECTIONS = ("model", "schedule", "sampling", "output_dir")  # the keys export reads (validated)
 
@@ -74,22 +75,22 @@ def export_diffusers(model: nn.Module, cfg: Config, out: str | Path, force: bool
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.export", description=__doc__.split("\n")[0]))
     parser.add_argument("--model", default=None, help="model file or folder (default: {output_dir}/finetuned.pth)")
     parser.add_argument("--out", default=None, help="output folder (default: {output_dir}/diffusers)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = config_from_args(args, sections=EXPORT_SECTIONS)
         path = Path(args.model or Path(cfg.output_dir) / "finetuned.pth")
         if not path.exists():
             raise CheckpointError(f"model {path} does not exist; run `python -m ppo_ddpm.finetune` or pass --model")
         out = export_diffusers(load_model(path, cfg.model), cfg, args.out or Path(cfg.output_dir) / "diffusers", args.force)
-    except (ConfigError, CheckpointError, ExportError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[export] {path} -> {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
-    return 0
+        print(f"[export] {path} -> {out} (DDIMPipeline.from_pretrained({str(out)!r}))")
+
+    return run_cli("ppo_ddpm.export", argv, body, errors=(ExportError, ImportError))
 
 
 if __name__ == "__main__":

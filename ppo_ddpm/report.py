@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, add_config_args, config_from_args
+from .config import add_config_args, config_from_args
+from .pipeline import PipelineError
 from .utils.checkpoint import atomic_write_text
+from .utils.cli import run_cli
 from .utils.finite import format_number
 
 FIGURES = (("reward_curve", "Reward over PPO iterations"), ("reward_hist", "Reward histogram, same noise"),
@@ -120,21 +122,20 @@ def write_report(eval_dir: str | Path, result: dict, rows: list[dict]) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = add_config_args(argparse.ArgumentParser(prog="python -m ppo_ddpm.report", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = config_from_args(args, sections=("output_dir",))  # the report reads only the run's files
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    eval_dir = Path(cfg.output_dir) / "eval"
-    if not (eval_dir / "eval.json").is_file():
-        print(f"error: {eval_dir / 'eval.json'} does not exist; run `python -m ppo_ddpm.eval` first", file=sys.stderr)
-        return 2
-    result = json.loads((eval_dir / "eval.json").read_text())
-    paths = write_report(eval_dir, result, read_metrics(Path(cfg.output_dir) / "metrics.jsonl"))
-    print(f"[report] wrote {paths[0]} and {paths[1]}")
-    return 0
+        eval_dir = Path(cfg.output_dir) / "eval"
+        if not (eval_dir / "eval.json").is_file():
+            raise PipelineError(f"{eval_dir / 'eval.json'} does not exist; run `python -m ppo_ddpm.eval` first")
+        result = json.loads((eval_dir / "eval.json").read_text())
+        paths = write_report(eval_dir, result, read_metrics(Path(cfg.output_dir) / "metrics.jsonl"))
+        print(f"[report] wrote {paths[0]} and {paths[1]}")
+
+    return run_cli("ppo_ddpm.report", argv, body)
 
 
 if __name__ == "__main__":

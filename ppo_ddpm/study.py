@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .config import load_config
 from .utils.checkpoint import atomic_write_text
-from .utils.cli import clear_errors
+from .utils.cli import run_cli
 from .utils.finite import finite_or_none, format_number
 from .utils.lock import RunLock
 
@@ -57,13 +57,17 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+class RunFailed(RuntimeError):
+    """A fine-tuning subprocess of the study exited with an error (its log is named)."""
+
+
 def _run(args: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "ppo_ddpm.finetune", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed (exit {proc.returncode}); see {log}")
+        raise RunFailed(f"{' '.join(args)} failed (exit {proc.returncode}); see {log}")
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -156,6 +160,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m ppo_ddpm.study", description=__doc__.split("\n")[0])
     parser.add_argument("--cfg", default=None, help="base config (default: the embedded default)")
     parser.add_argument("--out", default="runs/study", help="output folder (default: runs/study)")
@@ -182,17 +187,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: unknown {name} {v!r}; known: {', '.join(known)}", file=sys.stderr)
                 return 2
     out = Path(args.out)
-    try:
+
+    def body() -> None:
         load_config(args.cfg, args.overrides, validate=True)  # a bad config or override fails before any run
         with RunLock(out):  # one study per folder (each run locks its own folder too)
             rows = _study(args, out)
             atomic_write_text(json.dumps(rows, indent=2, allow_nan=False), out / "results.json")
             atomic_write_text(table(rows), out / "table.md")
-    except (*clear_errors(), RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(table(rows))
-    return 0
+        print(table(rows))
+
+    return run_cli("ppo_ddpm.study", argv, body, errors=(RunFailed,))
 
 
 def _study(args: argparse.Namespace, out: Path) -> list[dict]:

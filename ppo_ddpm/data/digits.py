@@ -50,17 +50,19 @@ def write_digits_dataset(root: str | Path, per_class: int | None = None) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..utils.cli import run_cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m ppo_ddpm.data.digits", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output folder (use it as data.root)")
     parser.add_argument("--per-class", type=int, default=None, help="only the first N images of each digit")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         root = write_digits_dataset(args.root, args.per_class)
-    except (ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"[digits] wrote {sum(1 for _ in root.glob('*/digit_*.png'))} images to {root}/<0..9>/")
-    return 0
+        print(f"[digits] wrote {sum(1 for _ in root.glob('*/digit_*.png'))} images to {root}/<0..9>/")
+
+    return run_cli("ppo_ddpm.data.digits", argv, body, errors=(ImportError, ValueError))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the four CLIs share: exit codes, error messages, the resume command.
+"""What the CLIs share: exit codes, error messages, the resume command.
 
     sys.exit(run_cli("ppo_ddpm.pretrain", argv, body, resumable=True))
 
@@ -47,8 +47,10 @@ def resume_command(prog: str, argv: list[str]) -> str:
     return " ".join(["python -m", prog, *args, "--resume"])
 
 
-def run_cli(prog: str, argv: list[str], body: Callable[[], None], resumable: bool = False) -> int:
-    """Run ``body()`` and map its outcome to an exit code and a message (see the module docstring)."""
+def run_cli(prog: str, argv: list[str], body: Callable[[], None], resumable: bool = False,
+            errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run ``body()`` and map its outcome to an exit code and a message (see the module docstring);
+    ``errors``: further exception types of this CLI that are clear errors (exit 2)."""
     name = prog.rsplit(".", 1)[-1]
     hint = f"\n[{name}] resume with: {resume_command(prog, argv)}" if resumable else ""
     try:
@@ -61,7 +63,7 @@ def run_cli(prog: str, argv: list[str], body: Callable[[], None], resumable: boo
         print(f"\n[{name}] interrupted (Ctrl-C) before it finished; files are written atomically, so none is "
               f"half-written{hint}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    except clear_errors() as e:
+    except (*clear_errors(), *errors) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except OSError as e:
