@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = config_from_args(args)
         with RunLock(cfg.output_dir):
-            cfg = prepare(cfg, run=False, stages=("pretrain", "reward"))
+            cfg = prepare(cfg, run=False)  # the run's data too: KID and grain against its real images
             finetuned = args.finetuned or str(Path(cfg.output_dir) / "finetuned.pth")
             if not Path(finetuned).exists():
                 raise CheckpointError(f"fine-tuned model {finetuned} does not exist; run `python -m ppo_ddpm.finetune` "

@@ -250,3 +250,23 @@ def test_nan_models_against_real_data_and_as_control(models, tmp_path):
     summary = format_summary(r)
     assert "KID base" in summary and "fine-tuned n/a" in summary and "6 of 6 control rewards are NaN/inf" in summary
     assert strict_json(tmp_path / "run" / "eval" / "eval.json")["gain_over_control_se"] is None
+
+
+def test_cli_finds_the_runs_data_through_pipeline_json(models, tmp_path, capsys):
+    """Without --base, eval takes the run's recorded stages: the pretrained model and the data, so KID and
+    grain are measured against the run's real images as in finetune's own evaluation."""
+    import shutil
+
+    from ppo_ddpm.data import save_images
+
+    cfg, d, _ = models
+    run = tmp_path / "run"
+    save_images(torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1, run / "data" / "real", "real")
+    shutil.copy(d / "base.pth", run / "base.pth")
+    (run / "pipeline.json").write_text(json.dumps({"data": {"path": "data", "seconds": 0.0},
+                                                   "pretrain": {"path": "base.pth", "seconds": 0.0}}))
+    args = sum((["--set", s] for s in TINY), []) + ["--set", f"output_dir={run}"]
+    assert main(args + ["--finetuned", str(d / "shifted.pth")]) == 0
+    assert "vs real data (6 images)" in capsys.readouterr().out
+    r = strict_json(run / "eval" / "eval.json")
+    assert r["base_path"] == str(run / "base.pth") and r["real"]["num_images"] == 6 and r["finetuned"]["kid"] is not None
