@@ -75,8 +75,8 @@ class RunLogger:
         for tag, v in (("ppo/rewards", rewards), ("ppo/advantages", advantages)):
             v = v.detach().float().cpu()
             v = v[torch.isfinite(v)]
-            if v.numel():
-                self.writer.add_histogram(tag, v, iteration)
+            if v.numel():  # linear bins: TensorBoard's default buckets end at 1e20 and drop larger rewards
+                self.writer.add_histogram(tag, v, iteration, bins=20)
 
     def grid(self, iteration: int, x0: torch.Tensor) -> None:
         """Samples x0 [B, 3, H, W] in [-1, 1], 4 per row: ``samples/iter_*.png`` and the TensorBoard image

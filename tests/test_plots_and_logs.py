@@ -65,6 +65,12 @@ def test_run_logger_writes_config_hparams_histograms_and_a_readable_grid(tmp_pat
     hist = ea.Histograms("ppo/rewards")[0].histogram_value
     assert hist.num == 3 and hist.min == 0.0 and hist.max == 2.0  # NaN left out
     assert ea.Histograms("ppo/advantages")[0].histogram_value.num == 4
+    logger = RunLogger(cfg, 1, True)  # rewards beyond 1e20, where TensorBoard's default buckets end, are counted
+    logger.histograms(1, torch.tensor([0.0, 3e25]), torch.tensor([-1.0, 1.0]))
+    logger.histograms(2, torch.tensor([4e25, 3e25]), torch.tensor([-1.0, 1.0]))  # default buckets: "histogram is empty"
+    logger.close()
+    for event in _events(tmp_path / "tb").Histograms("ppo/rewards")[1:]:
+        assert sum(event.histogram_value.bucket) == 2 and event.histogram_value.max > 2.9e25
     image = ea.Images("samples")[0]
     assert image.width >= 256 and image.width == 4 * (4 * 17 + 1)  # 4 per row, 16 px + 1 px padding, x4
     text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
