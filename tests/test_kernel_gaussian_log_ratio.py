@@ -201,6 +201,26 @@ def test_sigma_to_zero_uses_the_floor(sigma, gen):
         assert_within_2x("log_ratio", out, ref, exact, ulps(exact.abs() + offset))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # (a bf16 step returns its mean rounded to bf16)
+def test_zero_at_the_log_prob_of_the_ddim_step(dtype, gen):
+    """log r of an action against the log-prob its own DDIM step recorded is 0 at unchanged parameters, also
+    where the floor binds (sigma 0.01 < 0.1) and for float64 inputs: every path uses s = max(sigma, fp32(floor)).
+    References: exactly 0; kernels: float64 sums in another order, |log r| <= 1e-9."""
+    from ppo_ddpm.kernels import ddim_step, ddim_step_reference
+
+    x_t, eps, noise = (randn((3, 3, 7, 5), gen, dtype=dtype).to(DEV) for _ in range(3))
+    sig = torch.tensor([0.01, 0.3, 0.0], device=DEV)
+    a_t, a_p = torch.tensor([0.5, 0.6, 0.7], device=DEV), torch.tensor([0.6, 0.8, 0.9], device=DEV)
+    for step, log_ratio in ((ddim_step_reference, gaussian_log_ratio_from_logprob_reference), (ddim_step, gaussian_log_ratio_from_logprob)):
+        x_prev, mean, lp = step(x_t, eps, a_t, a_p, sig, noise=noise, sigma_floor=0.1)
+        for reduction in ("sum", "mean"):
+            out = log_ratio(x_prev, mean, lp, sig, sigma_floor=0.1, reduction=reduction)
+            if step is ddim_step_reference:
+                assert torch.equal(out, torch.zeros_like(out)), (dtype, reduction, out)
+            else:
+                assert out.abs().max() <= 1e-9, (dtype, reduction, out)
+
+
 def test_identical_means_give_zero_and_scalar_sigma(gen):
     x, mn, _, _ = make((3, 3, 7, 5), torch.bfloat16, gen)
     out = gaussian_log_ratio(x, mn, mn, 0.1)
