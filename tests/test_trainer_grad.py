@@ -72,7 +72,7 @@ def f32(v: float) -> float:
 def hand_mean(model, plan, i: int, x: torch.Tensor, clip_x0) -> torch.Tensor:
     """DDIM mean of step i in float64 (module docstring), from the plan's float32 coefficients."""
     a_t, a_p, sig = (float(v[i]) for v in (plan.abar_t, plan.abar_prev, plan.sigma))
-    eps = model(x, plan.timesteps[i].expand(x.shape[0])).double()
+    eps = model(x.to(next(model.parameters()).dtype), plan.timesteps[i].expand(x.shape[0])).double()
     x0 = (x.double() - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
