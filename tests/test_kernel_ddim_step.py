@@ -139,7 +139,7 @@ def test_out_buffer_receives_x_prev_scored_as_stored(out_dtype, gen):
     buf = torch.full(x_t.shape, float("nan"), dtype=out_dtype, device=DEV)
     out = ddim_step(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05, out=buf)
     ref_buf = torch.full_like(buf, float("nan"))
-    ref = ddim_step_reference(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05, out=ref_buf)
+    ddim_step_reference(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05, out=ref_buf)
     free = ddim_step(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05)  # x_prev in x_t's dtype: fp32
     assert out[0].data_ptr() == buf.data_ptr() and torch.equal(out[0], buf) and out[0].dtype == out_dtype
     assert out[1].dtype == torch.float32

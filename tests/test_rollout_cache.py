@@ -367,17 +367,18 @@ def test_group_tracker_batch_larger_than_buffer(impl):
     batch, plus the buffer of earlier batches), not only the last 32 the ring keeps."""
     tracker, ref = impl_api(impl)[1](32, 16), DequeTracker(32, 16)
     gen = torch.Generator().manual_seed(0)
+    ring = np.zeros(0)  # the last 32 rewards of earlier batches
     for step in range(3):
         rewards = torch.randn(64, generator=gen, dtype=torch.float64) * 2 + step
         gids = torch.zeros(64, dtype=torch.long)
         adv = tracker.update(gids, rewards, eps=0.0)
-        values = rewards.numpy() if step == 0 else np.concatenate([previous[-32:], rewards.numpy()])
+        values = np.concatenate([ring, rewards.numpy()])
         by_hand = (rewards.numpy() - values.mean()) / values.std()
         np.testing.assert_allclose(adv.numpy(), by_hand, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(adv.numpy(), ref.update(gids.numpy(), rewards.numpy(), eps=0.0), rtol=1e-5, atol=1e-6)
         if step == 0:  # the first batch normalises over itself: zero mean, unit std
             assert abs(float(adv.double().mean())) < 1e-6 and abs(float(adv.double().std(unbiased=False)) - 1) < 1e-6
-        previous = rewards.numpy()
+        ring = rewards.numpy()[-32:]
     assert tracker.state_dict()["counts"].tolist() == [32]
 
 
