@@ -10,7 +10,9 @@ environment's), with the plan's float32 coefficients and s_i = max(sigma_i, floa
     trajectory: log r_b = clamp(sum_i clamp(l_{i,b}, +-c), +-C),  r_b = exp(log r_b)
                 strict: L = -mean_b mask_b r_b A_b (mask_b: nothing clipped; its gradient), value: min form
                 ppo:    L = -mean_b min(r_b A_b, clip(r_b, 1-e, 1+e) A_b)            (autograd through the clamps)
-    per_step:   L = mean_i -mean_b min(r_{i,b} A_b, clip(r_{i,b}, 1-e, 1+e) A_b),  r_{i,b} = exp(clamp(l_{i,b}, +-c))
+    per_step:   r_{i,b} = exp(clamp(l_{i,b}, +-c))
+                ppo:    L = mean_i -mean_b min(r_{i,b} A_b, clip(r_{i,b}, 1-e, 1+e) A_b)   (DDPO)
+                strict: L = mean_i -mean_b keep_{i,b} r_{i,b} A_b (keep: r in [1-e, 1+e], l not clipped), value: min form
     KL_{i,b}  = ||mu_i(theta) - mu_i(ref)||^2 / (2 s_i^2 R);   L_KL = beta sum_i mean_b KL (trajectory),
                 beta mean_i mean_b KL (per_step)
 """
@@ -133,7 +135,11 @@ def hand_loss(trainer: PPOTrainer, l: torch.Tensor, kl: torch.Tensor) -> tuple[t
     else:
         r = torch.exp(torch.clamp(l, -c, c))
         min_form = (-torch.minimum(r * A, torch.clamp(r, 1 - e, 1 + e) * A).mean(1)).mean()
-        surrogate = min_form
+        if p.grad_mask == "strict":
+            keep = ((r - 1).abs() <= e) & (l.abs() < c)
+            surrogate = (-(keep.detach() * r * A).mean(1)).mean()
+        else:
+            surrogate = min_form
         L_kl = p.kl_beta * kl.mean(1).mean()
         outside = (r - 1).abs() > e
         facts = {"masked": int(outside.sum()), "kept": int((~outside).sum()), "step_clips": int((l.abs() > c).sum()),
@@ -160,7 +166,7 @@ def perturbed_trainer(cfg: Config, seed: int = 0, dtype=torch.float64, scale: fl
 
 
 CASES = [("trajectory", "strict", "sum"), ("trajectory", "strict", "mean"), ("trajectory", "ppo", "sum"),
-         ("trajectory", "ppo", "mean"), ("per_step", "ppo", "sum"), ("per_step", "ppo", "mean")]
+         ("trajectory", "ppo", "mean"), ("per_step", "ppo", "sum"), ("per_step", "ppo", "mean"), ("per_step", "strict", "sum")]
 # clips that are active for each reduction (l is ~D = 16 times smaller under 'mean')
 CLIPS = {"sum": dict(per_step_clip=0.25, global_clip=0.4, clip_range=0.15),
          "mean": dict(per_step_clip=0.25 / 16, global_clip=0.4 / 16, clip_range=0.15 / 16)}
