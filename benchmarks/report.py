@@ -126,16 +126,6 @@ def throughput(kinds: dict, kind: str) -> list[str]:
                    "graph vs eager"], rows)
 
 
-def loss_check(kinds: dict) -> list[str]:
-    out = []
-    for b in kinds.get("loss_check", []):
-        e = b["extra_info"]
-        out += [f"- per_step loss, PPOTrainer.update: {e['trainer_loss']:.6f}; DDPO-style baseline: {e['ddpo_loss']:.6f}; "
-                f"|difference| {abs(e['trainer_loss'] - e['ddpo_loss']):.2e} (asserted <= {e.get('tolerance', float('nan')):g} (1 + |loss|)); "
-                f"clip fraction {e['trainer_clipfrac']:.3f}, approx KL k1 {e['trainer_approx_kl_k1']:.4f}"]
-    return out + ([""] if out else [])
-
-
 def storage(kinds: dict) -> list[str]:
     by_t = defaultdict(dict)
     for b in kinds.get("storage", []):
@@ -180,7 +170,7 @@ def render(data: dict) -> str:
     kinds = _by_kind(data["benchmarks"])
     parts = ["### Environment", ""] + environment(data)
     for title, body in (("Kernels", kernels(kinds)), ("DDIM rollout", throughput(kinds, "rollout")),
-                        ("Full PPO iteration", throughput(kinds, "ppo_iter")), ("Loss agreement (per_step vs DDPO-style)", loss_check(kinds)),
+                        ("Full PPO iteration", throughput(kinds, "ppo_iter")),
                         ("Rollout storage", storage(kinds)), ("Training peak memory", train_memory(kinds))):
         if body:
             parts += [f"### {title}", ""] + body

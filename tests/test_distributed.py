@@ -54,7 +54,8 @@ def test_two_rank_update_equals_single_process_update(tmp_path):
     n, shape = single.n, single.sample_shape
     seeds = [derive_seed(single.cfg.seed, 0, r) for r in range(WORLD)]
     assert seeds[0] != seeds[1]  # seeds are offset per rank
-    noise = RolloutNoise.cat([RolloutNoise.draw(s, LOCAL_BATCH, n, shape, 0, "cpu", torch.float64) for s in seeds])
+    shards = [RolloutNoise.draw(s, LOCAL_BATCH, n, shape, 0, "cpu", torch.float64) for s in seeds]
+    noise = RolloutNoise(torch.cat([r.x_T for r in shards]), None, torch.cat([r.z for r in shards], dim=1))
     cache, info = single.rollout(seed=0, noise=noise)
     single.update(cache)
     expected = flat_params(single.policy)

@@ -1,12 +1,15 @@
 """ppo_ddpm.eval against hand computations on tiny fixed models.
 
-- identical base and fine-tuned: KL drift 0 at every step, win rate 0, equal means/stds/diversity;
+- identical base and fine-tuned: KL drift 0 at every stochastic step, win rate 0, equal means/stds/diversity;
 - fine-tuned = base with conv_out.bias + delta, so eps_ft = eps_base + delta everywhere: with no
-  x_0 clipping, mu_ft - mu_base = c_t delta per pixel, c_t = sqrt(1 - abar_prev - sigma^2)
+  x_0 clipping, mu_ft - mu_base = c_t delta per pixel, c_t = sqrt(max(1 - abar_prev - sigma^2, 0))
   - sqrt(abar_prev) sqrt(1 - abar_t) / sqrt(abar_t), hence KL_t = D c_t^2 delta^2 / (2 s_t^2)
-  exactly, for every sample (float64 below);
+  exactly, for every sample (float64 below), over the stochastic steps only (sigma_t > 0: the
+  deterministic last step of set_alpha_to_one is the environment's); with ppo.sample_at_floor every
+  step samples at sigma_t = max(sigma_t, sigma_floor) and all of them count;
 - rewards, win rate, std and diversity against independent sampling with ``ddim_sample``.
 """
+import copy
 import json
 import math
 
@@ -97,7 +100,8 @@ def strict_json(path):
 def test_identical_models(models):
     cfg, d, base = models
     r = evaluate(cfg, str(d / "base.pth"), str(d / "base.pth"))
-    assert r["kl_drift_per_step"] == [0.0] * 4 and r["kl_drift_total"] == 0.0
+    assert r["kl_drift_per_step"] == [0.0] * 3 and r["kl_drift_total"] == 0.0
+    assert r["timesteps"] == [750, 500, 250]  # the stochastic steps' (the last one, t = 0, has sigma = 0)
     assert r["win_rate"] == 0.0
     assert r["base_rewards"] == r["finetuned_rewards"]
     assert r["base_reward_mean"] == r["finetuned_reward_mean"] and r["base_reward_std"] == r["finetuned_reward_std"]
@@ -117,18 +121,25 @@ def test_identical_models(models):
     assert list((d / "run" / "tb").glob("events.out.tfevents.*"))
 
 
+def expected_kl(cfg, eta: float, min_sigma: float = 0.0):
+    """(KL_t over the stochastic steps, their timesteps, the plan) of the bias shift 0.1, float64 by hand."""
+    sc = cfg.sampling
+    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod
+    plan = make_ddim_plan(ac, sc.num_inference_steps, eta, sc.spacing, sc.set_alpha_to_one, min_sigma=min_sigma)
+    a_t, a_p, sig = plan.abar_t.double(), plan.abar_prev.double(), plan.sigma.double()
+    c = (1 - a_p - sig**2).clamp_min(0).sqrt() - a_p.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
+    s = sig.clamp_min(torch.tensor(cfg.ppo.sigma_floor, dtype=torch.float32).item())
+    D = 3 * 8 * 8
+    stochastic = sig > 0
+    return (D * c**2 * 0.1**2 / (2 * s**2))[stochastic], plan.timesteps[stochastic].tolist(), plan
+
+
 def test_shifted_bias_kl_and_rewards(models):
     cfg, d, base = models
     r = evaluate(cfg, str(d / "base.pth"), str(d / "shifted.pth"))
 
-    sc = cfg.sampling
-    ac = NoiseSchedule.from_config(cfg.schedule).alphas_cumprod
-    plan = make_ddim_plan(ac, sc.num_inference_steps, sc.eta, sc.spacing, sc.set_alpha_to_one)
-    a_t, a_p, sig = plan.abar_t.double(), plan.abar_prev.double(), plan.sigma.double()
-    c = (1 - a_p - sig**2).clamp_min(0).sqrt() - a_p.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
-    s = sig.clamp_min(cfg.ppo.sigma_floor)
-    D = 3 * 8 * 8
-    expected = D * c**2 * 0.1**2 / (2 * s**2)
+    expected, timesteps, plan = expected_kl(cfg, cfg.sampling.eta)
+    assert len(expected) == 3 and r["timesteps"] == timesteps
     np.testing.assert_allclose(r["kl_drift_per_step"], expected.numpy(), rtol=2e-4)
     assert math.isclose(r["kl_drift_total"], float(expected.sum()), rel_tol=2e-4)
 
@@ -165,10 +176,25 @@ def test_cli_defaults_and_errors(models, capsys):
     assert main(args + ["--base", str(d / "base.pth"), "--finetuned", str(d / "wide.pth")]) == 2
     err = capsys.readouterr().err
     assert "wide.pth" in err and "base_channels" in err
-    # a deterministic last step (sigma_t = 0) without a floor: the KL drift is undefined
-    no_floor = args + ["--set", "ppo.sigma_floor=0.0", "--base", str(d / "base.pth"), "--finetuned", str(d / "shifted.pth")]
-    assert main(no_floor) == 2
-    assert "ppo.sigma_floor" in capsys.readouterr().err
+    # a deterministic last step (sigma_t = 0) needs no floor: it is the environment's, with no KL
+    pair = ["--base", str(d / "base.pth"), "--finetuned", str(d / "shifted.pth")]
+    assert main(args + ["--set", "ppo.sigma_floor=0.0"] + pair) == 0
+    capsys.readouterr()
+    # a deterministic sampler (eta = 0) has no policy at all: a config error
+    assert main(args + ["--set", "sampling.eta=0.0"] + pair) == 2
+    err = capsys.readouterr().err
+    assert "deterministic" in err and "sampling.eta" in err
+
+
+def test_sample_at_floor_kl_over_every_step(models):
+    """ppo.sample_at_floor with eta = 0: every step samples at sigma_floor, so every step has a KL."""
+    cfg, d, _ = models
+    cfg = copy.deepcopy(cfg)
+    cfg.sampling.eta, cfg.ppo.sample_at_floor = 0.0, True
+    r = evaluate(cfg, str(d / "base.pth"), str(d / "shifted.pth"))
+    expected, timesteps, _ = expected_kl(cfg, 0.0, min_sigma=cfg.ppo.sigma_floor)
+    assert len(expected) == 4 and r["timesteps"] == timesteps == [750, 500, 250, 0]
+    np.testing.assert_allclose(r["kl_drift_per_step"], expected.numpy(), rtol=2e-4)
 
 
 def _with_reward(cfg, name):

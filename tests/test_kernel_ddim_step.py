@@ -1,4 +1,7 @@
-"""Fused DDIM step + log-prob vs float64 hand formulas and ddim_step_reference (Triton interpreter on CPU)."""
+"""Fused DDIM step + log-prob vs float64 hand formulas and ddim_step_reference (Triton interpreter on CPU).
+
+The log-prob is float64 and scores x_prev as stored (rounded to its buffer's dtype, round to nearest
+even), so its exact value is that of the kernel's own stored x_prev against the float64 mean."""
 import math
 
 import pytest
@@ -52,6 +55,31 @@ def make(shape, dtype, gen, score):
     return x_t, eps, a_t, a_p, sig, z
 
 
+def f64_ulps(x: torch.Tensor, n: float = 64.0) -> float:
+    """n float64 ulps of the largest |x|: the slack of float64 log-probs (summation order only)."""
+    return n * torch.finfo(torch.float64).eps * max(x.detach().double().abs().max().item(), 1e-300)
+
+
+def hand_log_prob64(x_prev, mean, sigma, sigma_floor=0.0):
+    """log N(x_prev; mean, s^2 I) in float64 of the given (stored) values, s = max(sigma, fp32(sigma_floor))."""
+    s = torch.as_tensor(sigma, dtype=torch.float32).expand(x_prev.shape[0]).clamp_min(sigma_floor).double().cpu()
+    D = x_prev[0].numel()
+    sq = (x_prev.double() - mean.double()).flatten(1).pow(2).sum(1).cpu()
+    return -sq / (2 * s * s) - D * s.log() - 0.5 * D * math.log(2 * math.pi)
+
+
+def check_log_prob(fn, out, x_t, eps, a_t, a_p, sig, z, score, sigma_floor=0.0, **kw):
+    """out[2] (float64) is exactly the log-prob of out[0] (x_prev as stored) against the float32 mean ``fn``
+    computed: for fp32 inputs its returned mean; for bf16/fp16 inputs that of the same values upcast (both
+    compute in fp32 from the loaded values)."""
+    assert out[2].dtype == torch.float64
+    mean32 = out[1] if x_t.dtype == torch.float32 else fn(x_t.float(), eps.detach().float(), a_t, a_p, sig, **(
+        {"x_prev": z.float()} if score else {"noise": z.float()}), sigma_floor=sigma_floor, **kw)[1]
+    want = hand_log_prob64(out[0], mean32, sig, sigma_floor)
+    err = (out[2].detach().cpu() - want).abs().max().item()
+    assert err <= f64_ulps(want), f"log_prob: {err:.3g} from the float64 log-prob of its own x_prev and mean"
+
+
 def run(fn, x_t, eps, a_t, a_p, sig, z, score, grads, **kw):
     """Outputs and d(sum gx * x_prev + sum gm * mean + sum glp * log_prob) / d eps."""
     eps = eps.detach().clone().requires_grad_(True)
@@ -77,11 +105,14 @@ def test_matches_float64_and_reference(dtype, shape, clip_x0, score, gen):
     exact = exact_ddim(x_t, eps64, a_t, a_p, sig, z, score, clip_x0)
     loss = (exact[1] * grads[1]).sum() + (exact[2] * grads[2]).sum() + (0 if score else (exact[0] * grads[0]).sum())
     loss.backward()
-    assert out[0].dtype == out[1].dtype == dtype and out[2].dtype == torch.float32 and geps.dtype == dtype
+    assert out[0].dtype == out[1].dtype == dtype and out[2].dtype == torch.float64 and geps.dtype == dtype
     if score:
         assert torch.equal(out[0], z)
-    for name, o, r, e in zip(("x_prev", "mean", "log_prob"), out, ref, exact):
+    for name, o, r, e in zip(("x_prev", "mean"), out, ref, exact):
         assert_within_2x(name, o, r, e, ulps(e, 1))
+    # log-prob: float64-exact for the values it scores (x_prev as stored, the float32 mean)
+    check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, z, score, clip_x0=clip_x0)
+    check_log_prob(ddim_step_reference, ref, x_t, eps, a_t, a_p, sig, z, score, clip_x0=clip_x0)
     assert_within_2x("d eps", geps, ref_geps, eps64.grad, ulps(eps64.grad, 1))
 
 
@@ -101,9 +132,98 @@ def test_score_mode_with_a_cached_bf16_action(gen):
     out = ddim_step(x_t, eps, a_t, a_p, sig, x_prev=z)
     ref = ddim_step_reference(x_t, eps, a_t, a_p, sig, x_prev=z)
     exact = exact_ddim(x_t, eps, a_t, a_p, sig, z, score=True)
-    assert out[0].dtype == torch.float32 and torch.equal(out[0], z.float())
-    for name, o, r, e in zip(("mean", "log_prob"), out[1:], ref[1:], exact[1:]):
-        assert_within_2x(name, o, r, e, ulps(e, 1))
+    assert out[0].dtype == torch.float32 and torch.equal(out[0], z.float()) and out[2].dtype == torch.float64
+    assert_within_2x("mean", out[1], ref[1], exact[1], ulps(exact[1], 1))
+    check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, z, True)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_out_buffer_receives_x_prev_scored_as_stored(out_dtype, gen):
+    """fp32 network, ``out`` = a cache state of any float dtype: x_prev is written there (and returned: the
+    same storage), rounded to nearest even from the fp32 value, and the log-prob scores that stored value."""
+    x_t, eps, a_t, a_p, sig, z = make((3, 3, 7, 5), torch.float32, gen, score=False)
+    buf = torch.full(x_t.shape, float("nan"), dtype=out_dtype, device=DEV)
+    out = ddim_step(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05, out=buf)
+    ref_buf = torch.full_like(buf, float("nan"))
+    ddim_step_reference(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05, out=ref_buf)
+    free = ddim_step(x_t, eps, a_t, a_p, sig, noise=z, sigma_floor=0.05)  # x_prev in x_t's dtype: fp32
+    assert out[0].data_ptr() == buf.data_ptr() and torch.equal(out[0], buf) and out[0].dtype == out_dtype
+    assert out[1].dtype == torch.float32
+    assert torch.equal(out[1], free[1])
+    # the stored value is the fp32 x_prev rounded by torch's own cast (round to nearest even)
+    assert torch.equal(buf, free[0].to(out_dtype))
+    exact = exact_ddim(x_t, eps, a_t, a_p, sig, z, score=False)
+    assert_within_2x("x_prev", buf, ref_buf, exact[0], ulps(exact[0], 1))
+    check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, z, False, sigma_floor=0.05)
+    if out_dtype != torch.float32:
+        assert (out[2] - free[2]).abs().max() > 1e-3  # the log-prob is that of the rounded value
+    # scoring the stored action reproduces the sampling log-prob (log r = 0 at unchanged params)
+    again = ddim_step(x_t, eps, a_t, a_p, sig, x_prev=buf, sigma_floor=0.05)
+    assert (again[2] - out[2]).abs().max() <= f64_ulps(out[2], 16)
+
+
+@pytest.mark.parametrize("via", ["out", "x_t"])
+def test_bf16_rounding_is_round_to_nearest_even(via):
+    """x_prev = 1 + 0.5 z exactly in fp32 (x_t = 1, eps = 0, abar_t = abar_prev = 0.25, sigma = 0.5: x0 = 2,
+    mean = 1), with z putting x_prev on the ties 1 + (2k+1) 2^-8 between bf16 neighbours 1 + k 2^-7: round to
+    nearest even gives 1 + (k + k % 2) 2^-7, truncation would give 1 + k 2^-7. Under the interpreter the
+    kernel rounds by bit arithmetic (``_dispatch.cast_rne``); on a GPU by the hardware cast."""
+    k = torch.arange(8, dtype=torch.float64)
+    ties = 1 + (2 * k + 1) / 256
+    above, below = ties + 2.0**-12, ties - 2.0**-12  # not ties: nearest
+    values = torch.cat([ties, above, below, -ties, torch.tensor([1.0, 1 + 2.0**-7])])
+    D = values.numel()
+    z = ((values - 1) / 0.5).float().reshape(1, 1, 1, D).to(DEV)
+    dtype = torch.float32 if via == "out" else torch.bfloat16
+    x_t = torch.ones(1, 1, 1, D, dtype=dtype, device=DEV)
+    eps = torch.zeros_like(x_t)
+    a, sig = torch.tensor([0.25], device=DEV), torch.tensor([0.5], device=DEV)
+    buf = torch.empty(1, 1, 1, D, dtype=torch.bfloat16, device=DEV) if via == "out" else None
+    x_prev, mean, lp = ddim_step(x_t, eps, a, a, sig, noise=z, out=buf)
+    assert x_prev.dtype == torch.bfloat16 and torch.equal(mean.float(), torch.ones(1, 1, 1, D, device=DEV))
+    exact32 = (1 + 0.5 * z).flatten()  # exact in fp32
+    assert torch.equal(exact32.double(), (1 + 0.5 * z.double()).flatten())
+    rne = exact32.to(torch.bfloat16)  # torch's cast: round to nearest even
+    assert torch.equal(rne[:8].double().cpu(), 1 + (k + k % 2) / 128)  # by hand
+    truncated = (exact32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert not torch.equal(rne, truncated)  # the test tells the two roundings apart
+    assert torch.equal(x_prev.flatten(), rne)
+    # the log-prob is that of the stored (rounded) value, float64 throughout
+    want = -((rne.double() - 1) ** 2).sum() / (2 * 0.25) - D * math.log(0.5) - 0.5 * D * math.log(2 * math.pi)
+    assert abs(lp.item() - want.item()) <= 1e-12 * abs(want.item())
+
+
+def test_log_normaliser_is_float64_in_kernel(gen):
+    """3x32x32 at s = 0.01: D (log s + 1/2 log 2 pi) ~ -1.1e4, where one fp32 rounding is ~1e-3. The kernel's
+    log-prob equals the float64 hand value to ~1e-9, for a sampled and for a given action."""
+    shape = (2, 3, 32, 32)
+    x_t, eps = randn(shape, gen).to(DEV), randn(shape, gen).to(DEV)
+    a_t, a_p = torch.tensor([0.5, 0.6], device=DEV), torch.tensor([0.9, 0.95], device=DEV)
+    sig = torch.tensor([0.01, 0.0], device=DEV)  # sample 1: sigma 0, scored at the floor
+    floor = 0.01
+    z = randn(shape, gen).to(DEV)
+    for kw in ({"noise": z}, {"x_prev": x_t + 0.01 * z}):
+        x_prev, mean, lp = ddim_step(x_t, eps, a_t, a_p, sig, sigma_floor=floor, **kw)
+        want = hand_log_prob64(x_prev, mean, sig, floor)
+        assert want.abs().min() > 5e3
+        assert (lp.cpu() - want).abs().max() <= 1e-9, (lp.cpu() - want)
+
+
+def test_out_is_refused_where_it_cannot_apply(gen):
+    x_t, eps, a_t, a_p, sig, z = make((3, 3, 7, 5), torch.float32, gen, score=False)
+    buf = torch.empty_like(x_t)
+    with pytest.raises(ValueError, match="out"):
+        ddim_step(x_t, eps, a_t, a_p, sig, x_prev=z, out=buf)
+    with pytest.raises(ValueError, match="out must be a contiguous floating tensor of shape"):
+        ddim_step(x_t, eps, a_t, a_p, sig, noise=z, out=buf[:2])
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        ddim_step(x_t, eps, a_t, a_p, sig, noise=z, out=torch.empty(3, 3, 5, 7, device=DEV).transpose(2, 3))
+    with pytest.raises(ValueError, match="out must be a contiguous floating"):
+        ddim_step(x_t, eps, a_t, a_p, sig, noise=z, out=torch.empty(x_t.shape, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="without grad"):
+        ddim_step(x_t, eps.requires_grad_(True), a_t, a_p, sig, noise=z, out=buf)
+    with torch.no_grad():  # the rollout: eps of a trainable model, no graph
+        ddim_step(x_t, eps, a_t, a_p, sig, noise=z, out=buf)
 
 
 def test_noise_is_drawn_with_torch_randn_when_missing(gen):
@@ -115,8 +235,9 @@ def test_noise_is_drawn_with_torch_randn_when_missing(gen):
     torch.manual_seed(123)
     ref = ddim_step_reference(x_t, eps, a_t, a_p, sig)
     exact = exact_ddim(x_t, eps, a_t, a_p, sig, noise, score=False)
-    for name, o, r, e in zip(("x_prev", "mean", "log_prob"), out, ref, exact):
+    for name, o, r, e in zip(("x_prev", "mean"), out, ref, exact):
         assert_within_2x(name, o, r, e, ulps(e, 1))
+    check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, noise, False)
 
 
 @pytest.mark.parametrize("score", [False, True], ids=["noise", "x_prev"])
@@ -137,9 +258,10 @@ def test_sigma_zero_uses_the_floor(score, gen):
         assert torch.equal(out[0], out[1])  # x_prev = mean
         D = x_t[0].numel()
         assert torch.allclose(out[2].double(), torch.full((3,), -D * math.log(floor) - 0.5 * D * math.log(2 * math.pi), dtype=torch.float64, device=DEV))
-    for name, o, r, e in zip(("x_prev", "mean", "log_prob"), out, ref, exact):
+    for name, o, r, e in zip(("x_prev", "mean"), out, ref, exact):
         assert torch.isfinite(o).all()
         assert_within_2x(name, o, r, e, ulps(e, 1))
+    check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, z, score, sigma_floor=floor)
 
 
 def test_clip_boundary_keeps_the_gradient(gen):

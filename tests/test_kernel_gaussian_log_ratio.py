@@ -1,4 +1,5 @@
-"""Fused per-step Gaussian log-ratio vs float64 hand formulas (Triton interpreter on CPU)."""
+"""Fused per-step Gaussian log-ratio vs float64 hand formulas (Triton interpreter on CPU): both reductions
+(R = 1 'sum', R = D 'mean'), float64 old log-probs, exactness at 3x32x32 and s = 0.01."""
 import math
 import os
 import subprocess
@@ -20,18 +21,28 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(3, 3, 7, 5), (3, 3, 50, 50), (1, 17)]  # (3, 3, 50, 50): 2 chunks x 2 blocks per sample
 
 
-def exact_log_ratio(x, mn, mo, s, clip=None):
-    """float64: (||x - mo||^2 - ||x - mn||^2) / (2 s^2), clamped."""
+def divisor(x, reduction):
+    return x[0].numel() if reduction == "mean" else 1
+
+
+def exact_log_ratio(x, mn, mo, s, clip=None, reduction="sum"):
+    """float64: (||x - mo||^2 - ||x - mn||^2) / (2 s^2 R), clamped."""
+    R = divisor(x, reduction)
     x, mn, mo, s = (t.double() for t in (x, mn, mo, s))
-    lr = ((x - mo) ** 2 - (x - mn) ** 2).flatten(1).sum(1) / (2 * s * s)
+    lr = ((x - mo) ** 2 - (x - mn) ** 2).flatten(1).sum(1) / (2 * s * s * R)
     return lr if clip is None else lr.clamp(-clip, clip)
 
 
-def exact_from_logprob(x, mn, old, s, clip=None):
-    """float64: -||x - mn||^2 / (2 s^2) - D log s - D/2 log 2 pi - old, clamped."""
-    x, mn, old, s = (t.double() for t in (x, mn, old, s))
+def exact_log_prob(x, mn, s):
+    """float64: log N(x; mn, s^2 I) = -||x - mn||^2 / (2 s^2) - D log s - D/2 log 2 pi."""
+    x, mn, s = (t.double() for t in (x, mn, s))
     D = x[0].numel()
-    lr = -((x - mn) ** 2).flatten(1).sum(1) / (2 * s * s) - D * s.log() - 0.5 * D * math.log(2 * math.pi) - old
+    return -((x - mn) ** 2).flatten(1).sum(1) / (2 * s * s) - D * s.log() - 0.5 * D * math.log(2 * math.pi)
+
+
+def exact_from_logprob(x, mn, old, s, clip=None, reduction="sum"):
+    """float64: (log N(x; mn, s^2 I) - old) / R, clamped."""
+    lr = (exact_log_prob(x, mn, s) - old.double()) / divisor(x, reduction)
     return lr if clip is None else lr.clamp(-clip, clip)
 
 
@@ -53,10 +64,15 @@ def run(fn, x, mn, other, sigma, g, **kw):
     return out.detach(), mn.grad
 
 
+def f64_ulps(x: torch.Tensor, n: float = 64.0) -> float:
+    return n * torch.finfo(torch.float64).eps * max(x.detach().double().abs().max().item(), 1e-300)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("variant", ["mu_old", "from_logprob"])
-def test_forward_and_backward_match_float64(variant, shape, dtype, gen):
+def test_forward_and_backward_match_float64(variant, shape, dtype, reduction, gen):
     x, mn, mo, sigma = make(shape, dtype, gen)
     s64 = sigma.double()
     g = randn(shape[:1], gen).to(DEV)
@@ -64,19 +80,59 @@ def test_forward_and_backward_match_float64(variant, shape, dtype, gen):
         fn, ref_fn, other = gaussian_log_ratio, gaussian_log_ratio_reference, mo
         exact_fn = exact_log_ratio
     else:
-        other = (exact_from_logprob(x, mo, torch.zeros(shape[0], dtype=torch.float64, device=DEV), s64)).float()
+        other = exact_log_prob(x, mo, s64)  # float64, as the rollout cache stores it
         fn, ref_fn, exact_fn = gaussian_log_ratio_from_logprob, gaussian_log_ratio_from_logprob_reference, exact_from_logprob
-    out, grad = run(fn, x, mn, other, sigma, g)
-    ref, ref_grad = run(ref_fn, x, mn, other, sigma, g)
+    out, grad = run(fn, x, mn, other, sigma, g, reduction=reduction)
+    ref, ref_grad = run(ref_fn, x, mn, other, sigma, g, reduction=reduction)
     mn64 = mn.double().requires_grad_(True)
-    exact = exact_fn(x, mn64, other, s64)
+    exact = exact_fn(x, mn64, other, s64, reduction=reduction)
     (exact * g.double()).sum().backward()
-    assert out.dtype == torch.float32 and out.shape == (shape[0],)
+    assert out.dtype == torch.float32 and out.shape == (shape[0],) and ref.dtype == torch.float32
     assert grad.dtype == dtype and grad.shape == mn.shape
-    # the from-logprob constants D log s cancel against old_log_prob: allow a few ulps of them
-    scale = exact.abs() + (other.double().abs() if variant == "from_logprob" else 0)
-    assert_within_2x("log_ratio", out, ref, exact, ulps(scale))
+    # float64 sums: one float32 rounding of log r (the from-logprob constants cancel to fp64 ulps of them)
+    scale = other.double().abs() / divisor(x, reduction) if variant == "from_logprob" else exact.abs()
+    assert_within_2x("log_ratio", out, ref, exact, ulps(exact, 1) + f64_ulps(scale))
     assert_within_2x("d mu_new", grad, ref_grad, mn64.grad, ulps(mn64.grad, 1))
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("variant", ["mu_old", "from_logprob"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_exact_at_3x32x32_and_sigma_floor_001(impl, variant, reduction, gen):
+    """float32 inputs, 3x32x32, sigma below the floor s = float32(0.01): |log r - exact| <= 1e-5 / R with the
+    exact value (||x - mu_old||^2 - ||x - mu_new||^2) / (2 s^2 R) in float64 from the same fp32 tensors
+    (1e-5 in summed log-prob units for both reductions). The old float32 approach, logp_new - logp_old of
+    two float32 totals (~1e4 each), misses it."""
+    shape, floor = (4, 3, 32, 32), 0.01
+    mo = randn(shape, gen).to(DEV)
+    x = mo + floor * randn(shape, gen).to(DEV)
+    mn = mo + floor * randn(shape, gen, 1.0 / 32).to(DEV)  # log r = O(1) under 'sum'
+    sigma = torch.full((4,), 1e-3, device=DEV)  # the floor binds
+    s = torch.tensor(floor, dtype=torch.float32).double().item()
+    R = divisor(x, reduction)
+    x64, mn64, mo64 = x.double(), mn.double(), mo.double()
+    exact = (((x64 - mo64) ** 2).flatten(1).sum(1) - ((x64 - mn64) ** 2).flatten(1).sum(1)) / (2 * s * s * R)
+    assert exact.abs().max() > 0.1 / R and exact.abs().max() < 10 / R
+    if variant == "mu_old":
+        fn = gaussian_log_ratio if impl == "kernel" else gaussian_log_ratio_reference
+        out = fn(x, mn, mo, sigma, sigma_floor=floor, reduction=reduction)
+    else:
+        old = exact_log_prob(x, mo, torch.full((4,), s, device=DEV))  # ~ -1e4, float64
+        assert old.abs().min() > 5e3
+        fn = gaussian_log_ratio_from_logprob if impl == "kernel" else gaussian_log_ratio_from_logprob_reference
+        out = fn(x, mn, old, sigma, sigma_floor=floor, reduction=reduction)
+    err = (out.double() - exact).abs().max().item()
+    assert err <= 1e-5 / R, err
+
+    # teeth: float32 log-probs of new and old, differenced in float32
+    s32 = torch.tensor(floor, dtype=torch.float32)
+    D = x[0].numel()
+
+    def log_prob32(mu):
+        return -(x - mu).pow(2).flatten(1).sum(1) / (2 * s32 * s32) - D * torch.log(s32) - 0.5 * D * math.log(2 * math.pi)
+
+    old_way = (log_prob32(mn) - log_prob32(mo)) / R
+    assert (old_way.double() - exact).abs().max().item() > 1e-5 / R
 
 
 @pytest.mark.parametrize("variant", ["mu_old", "from_logprob"])
@@ -88,8 +144,7 @@ def test_per_step_clip_gradient_flows_on_the_boundary_only(variant, gen):
     if variant == "mu_old":
         fn, other = gaussian_log_ratio, mo
     else:
-        fn, other = gaussian_log_ratio_from_logprob, torch.zeros(3, device=DEV)
-        other = exact_from_logprob(x, mo, other, sigma.double()).float()
+        fn, other = gaussian_log_ratio_from_logprob, exact_log_prob(x, mo, sigma.double())
     free, free_grad = run(fn, x, mn, other, sigma, g)
     order = free.abs().argsort()
     lo, mid, hi = order.tolist()
@@ -106,6 +161,27 @@ def test_per_step_clip_gradient_flows_on_the_boundary_only(variant, gen):
     assert ref[hi] == out[hi] and (ref_grad[hi] == 0).all()  # the reference clips the same way
 
 
+@pytest.mark.parametrize("variant", ["mu_old", "from_logprob"])
+def test_mean_reduction_divides_before_the_clip_and_scales_the_gradient(variant, gen):
+    """'mean': log r / D is what the per-step clip sees (a clip between |log r| / D and |log r| acts under 'sum'
+    only), and the gradient is the 'sum' gradient / D."""
+    shape = (3, 3, 7, 5)
+    D = 105
+    x, mn, mo, sigma = make(shape, torch.float32, gen)
+    fn, other = (gaussian_log_ratio, mo) if variant == "mu_old" else (gaussian_log_ratio_from_logprob, exact_log_prob(x, mo, sigma.double()))
+    g = torch.ones(3, device=DEV)
+    total, total_grad = run(fn, x, mn, other, sigma, g)
+    mean, mean_grad = run(fn, x, mn, other, sigma, g, reduction="mean")
+    torch.testing.assert_close(mean.double(), total.double() / D, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean_grad, total_grad / D, rtol=1e-6, atol=0)
+    c = 0.5 * total.abs().min().item()
+    assert (total.abs() / D < c).all()  # so the clip acts under 'sum' only
+    clipped, clipped_grad = run(fn, x, mn, other, sigma, g, per_step_clip=c)
+    assert (clipped.abs() == c).all() and (clipped_grad == 0).all()
+    kept, kept_grad = run(fn, x, mn, other, sigma, g, per_step_clip=c, reduction="mean")
+    assert torch.equal(kept, mean) and torch.equal(kept_grad, mean_grad)
+
+
 @pytest.mark.parametrize("sigma", [0.0, [0.0, 1e-30, 0.2]])
 def test_sigma_to_zero_uses_the_floor(sigma, gen):
     shape = (3, 3, 7, 5)
@@ -113,7 +189,7 @@ def test_sigma_to_zero_uses_the_floor(sigma, gen):
     floor = 0.5
     sig = torch.tensor(sigma, device=DEV) if isinstance(sigma, list) else sigma
     s64 = torch.as_tensor(sigma, dtype=torch.float64, device=DEV).expand(3).clamp_min(floor)
-    old = torch.full((3,), -300.0, device=DEV)
+    old = torch.full((3,), -300.0, dtype=torch.float64, device=DEV)
     for fn, ref_fn, other, exact_fn, offset in (
         (gaussian_log_ratio, gaussian_log_ratio_reference, mo, exact_log_ratio, 0.0),
         (gaussian_log_ratio_from_logprob, gaussian_log_ratio_from_logprob_reference, old, exact_from_logprob, 300.0),
@@ -125,6 +201,26 @@ def test_sigma_to_zero_uses_the_floor(sigma, gen):
         assert_within_2x("log_ratio", out, ref, exact, ulps(exact.abs() + offset))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # (a bf16 step returns its mean rounded to bf16)
+def test_zero_at_the_log_prob_of_the_ddim_step(dtype, gen):
+    """log r of an action against the log-prob its own DDIM step recorded is 0 at unchanged parameters, also
+    where the floor binds (sigma 0.01 < 0.1) and for float64 inputs: every path uses s = max(sigma, fp32(floor)).
+    References: exactly 0; kernels: float64 sums in another order, |log r| <= 1e-9."""
+    from ppo_ddpm.kernels import ddim_step, ddim_step_reference
+
+    x_t, eps, noise = (randn((3, 3, 7, 5), gen, dtype=dtype).to(DEV) for _ in range(3))
+    sig = torch.tensor([0.01, 0.3, 0.0], device=DEV)
+    a_t, a_p = torch.tensor([0.5, 0.6, 0.7], device=DEV), torch.tensor([0.6, 0.8, 0.9], device=DEV)
+    for step, log_ratio in ((ddim_step_reference, gaussian_log_ratio_from_logprob_reference), (ddim_step, gaussian_log_ratio_from_logprob)):
+        x_prev, mean, lp = step(x_t, eps, a_t, a_p, sig, noise=noise, sigma_floor=0.1)
+        for reduction in ("sum", "mean"):
+            out = log_ratio(x_prev, mean, lp, sig, sigma_floor=0.1, reduction=reduction)
+            if step is ddim_step_reference:
+                assert torch.equal(out, torch.zeros_like(out)), (dtype, reduction, out)
+            else:
+                assert out.abs().max() <= 1e-9, (dtype, reduction, out)
+
+
 def test_identical_means_give_zero_and_scalar_sigma(gen):
     x, mn, _, _ = make((3, 3, 7, 5), torch.bfloat16, gen)
     out = gaussian_log_ratio(x, mn, mn, 0.1)
@@ -132,8 +228,7 @@ def test_identical_means_give_zero_and_scalar_sigma(gen):
 
 
 def test_gradcheck_references():
-    """float64 gradcheck; the from-logprob reference computes in fp32 (ddim.gaussian_log_prob), so it
-    is checked with central differences of a large step, exact for its quadratic dependence on mu_new."""
+    """float64 gradcheck of both references, both reductions."""
     g = torch.Generator().manual_seed(0)
     x, mo = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
     mn = (x + 0.3 * torch.randn(2, 3, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
@@ -142,10 +237,12 @@ def test_gradcheck_references():
     c = 0.5 * (free[0].abs() + free[1].abs()).item()  # one sample clipped, the other not, away from c
     assert torch.autograd.gradcheck(lambda m: gaussian_log_ratio_reference(x, m, mo, sigma, per_step_clip=c), (mn,))
     old = torch.tensor([-20.0, -15.0], dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda m: gaussian_log_ratio_from_logprob_reference(x, m, old, sigma.float(), per_step_clip=100.0).double(),
-        (mn,), eps=0.05, atol=2e-3, rtol=1e-3,
-    )
+    for reduction in ("sum", "mean"):  # float64 maths for float64 inputs: a plain gradcheck
+        assert torch.autograd.gradcheck(
+            lambda m: gaussian_log_ratio_from_logprob_reference(x, m, old, sigma.float(), per_step_clip=100.0, reduction=reduction),
+            (mn,),
+        )
+        assert torch.autograd.gradcheck(lambda m: gaussian_log_ratio_reference(x, m, mo, sigma, reduction=reduction), (mn,))
 
 
 def test_bad_inputs_name_the_argument(gen):
@@ -156,6 +253,10 @@ def test_bad_inputs_name_the_argument(gen):
         gaussian_log_ratio(x, mn, mo, sigma[:2])
     with pytest.raises(ValueError, match="old_log_prob"):
         gaussian_log_ratio_from_logprob(x, mn, torch.zeros(2, device=DEV), sigma)
+    for fn, other in ((gaussian_log_ratio, mo), (gaussian_log_ratio_from_logprob, torch.zeros(3, dtype=torch.float64, device=DEV)),
+                      (gaussian_log_ratio_reference, mo), (gaussian_log_ratio_from_logprob_reference, torch.zeros(3, dtype=torch.float64))):
+        with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'max'"):
+            fn(x, mn, other, sigma, reduction="max")
     with pytest.raises(ValueError, match="mu_old requires grad"):
         gaussian_log_ratio(x, mn, mo.requires_grad_(True), sigma)
 

@@ -31,8 +31,8 @@ def impl_api(impl):
 def expected_nbytes(T, B, shape, dtype):
     d = int(np.prod(shape))
     state_bytes = 4 if dtype == torch.float32 else 2
-    # states + log_probs + timesteps + sigmas + rewards + group_ids + advantages
-    return (T + 1) * B * d * state_bytes + T * B * 4 + T * 8 + T * 4 + B * 4 + B * 8 + B * 4
+    # states + log_probs (f64) + timesteps + sigmas + rewards + group_ids + advantages
+    return (T + 1) * B * d * state_bytes + T * B * 8 + T * 8 + T * 4 + B * 4 + B * 8 + B * 4
 
 
 def fill_cache(cache, gen, T, B, shape):
@@ -63,6 +63,28 @@ def test_below_is_uniform():
     assert counts.sum() == 12000 and np.all(np.abs(counts - 2000) < 200), counts
 
 
+def step_sets(T, gen):
+    """Candidate step sets of a T-step plan: all steps, a suffix, one step, a shuffled strict subset."""
+    sets = [torch.arange(T), torch.arange(T // 2, T), torch.tensor([T - 1])]
+    if T > 2:
+        sets.append(torch.randperm(T, generator=gen)[: T - 1].to(torch.int32))  # any order, any integer dtype
+    return sets
+
+
+def fisher_yates_plan(seed, K, steps, B):
+    """Independent reference of timestep_plan: one SplitMix64 stream seeded by seed ^ TIMESTEP_SALT; per
+    row, a forward Fisher-Yates over a fresh copy of ``steps`` stopped after K swaps; keep the first K."""
+    rng = rc.SplitMix64(seed ^ rc.TIMESTEP_SALT)
+    rows = []
+    for _ in range(B):
+        row = [int(s) for s in steps]
+        for i in range(min(K, len(row) - 1)):
+            j = i + rng.below(len(row) - i)
+            row[i], row[j] = row[j], row[i]
+        rows.append(row[:K])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
 @needs_ext
 @pytest.mark.parametrize("B,T", [(1, 1), (6, 4), (12, 10), (48, 50)])
 def test_plans_cpp_equal_python(B, T):
@@ -70,11 +92,29 @@ def test_plans_cpp_equal_python(B, T):
     for seed in SEEDS:
         for M in [m for m in range(1, B + 1) if B % m == 0]:
             assert torch.equal(cpp.minibatch_plan(seed, M), py.minibatch_plan(seed, M)), (seed, M)
-        for first in {0, T // 2, T - 1}:
-            for K in {1, (T - first + 1) // 2, T - first}:
-                plans = cpp.timestep_plan(seed, K, first), py.timestep_plan(seed, K, first)
-                assert torch.equal(*plans), (seed, K, first)
-    assert torch.equal(cpp.timestep_plan(5, T), py.timestep_plan(5, T, first_step=0))
+        for steps in step_sets(T, torch.Generator().manual_seed(T)):
+            n = steps.numel()
+            for K in {1, (n + 1) // 2, n}:
+                plans = cpp.timestep_plan(seed, K, steps), py.timestep_plan(seed, K, steps)
+                assert torch.equal(*plans), (seed, K, steps)
+    steps = torch.arange(T)
+    assert torch.equal(cpp.timestep_plan(5, T, steps), py.timestep_plan(seed=5, num_train_steps=T, steps=steps))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("B,T", [(1, 1), (5, 4), (7, 12)])
+def test_timestep_plan_equals_fisher_yates_reference(impl, B, T):
+    """Row b = the first K entries of a seeded Fisher-Yates permutation of ``steps`` (as given, in order)."""
+    cache = impl_api(impl)[0](T, B, (1,))
+    for seed in SEEDS:
+        for steps in step_sets(T, torch.Generator().manual_seed(seed & 0xFFFF)):
+            for K in range(1, steps.numel() + 1):
+                assert torch.equal(cache.timestep_plan(seed, K, steps), fisher_yates_plan(seed, K, steps.tolist(), B))
+    # the positions drawn do not depend on the values: plan(steps) = steps[plan(0..P-1)]
+    steps = torch.tensor([9, 2, 11, 5, 0])[: min(5, T)] % T
+    if len(set(steps.tolist())) == steps.numel():
+        positions = cache.timestep_plan(3, steps.numel(), torch.arange(steps.numel()))
+        assert torch.equal(cache.timestep_plan(3, steps.numel(), steps), steps[positions])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -82,31 +122,33 @@ def test_plans_valid_and_deterministic(impl):
     Cache = impl_api(impl)[0]
     B, T = 12, 7
     cache = Cache(T, B, (1,))
+    subset = torch.tensor([5, 2, 6])  # e.g. the stochastic steps of a plan, not contiguous
     for seed in SEEDS:
         plan = cache.minibatch_plan(seed, 3)
         assert plan.shape == (3, 4) and plan.dtype == torch.int64
         assert torch.equal(plan.flatten().sort().values, torch.arange(B))
         assert torch.equal(plan, cache.minibatch_plan(seed, 3))
         assert torch.equal(plan.flatten(), cache.minibatch_plan(seed, 1).flatten())  # M only reshapes
-        steps = cache.timestep_plan(seed, 3, first_step=2)
-        assert steps.shape == (B, 3) and steps.dtype == torch.int64
-        assert torch.equal(steps, cache.timestep_plan(seed, 3, first_step=2))
+        steps = cache.timestep_plan(seed, 2, subset)
+        assert steps.shape == (B, 2) and steps.dtype == torch.int64
+        assert torch.equal(steps, cache.timestep_plan(seed, 2, subset))
         for row in steps.tolist():
-            assert len(set(row)) == 3 and all(2 <= s < T for s in row)
-        full = cache.timestep_plan(seed, T)
+            assert len(set(row)) == 2 and set(row) <= {5, 2, 6}
+        full = cache.timestep_plan(seed, T, torch.arange(T))
         assert torch.equal(full.sort(dim=1).values, torch.arange(T).expand(B, T))
     assert not torch.equal(cache.minibatch_plan(0, 1), cache.minibatch_plan(1, 1))
-    assert len({tuple(r) for r in cache.timestep_plan(0, T).tolist()}) > 1  # rows are independent
+    assert len({tuple(r) for r in cache.timestep_plan(0, T, torch.arange(T)).tolist()}) > 1  # rows are independent
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_timestep_plan_is_uniform(impl):
-    cache = impl_api(impl)[0](5, 3000, (1,))
-    plan = cache.timestep_plan(11, 2, first_step=1)  # steps 1..4
-    first = np.bincount(plan[:, 0].numpy(), minlength=5)[1:]
-    both = np.bincount(plan.flatten().numpy(), minlength=5)[1:]
-    assert np.all(np.abs(first - 750) < 110), first
-    assert np.all(np.abs(both - 1500) < 150), both
+    cache = impl_api(impl)[0](6, 3000, (1,))
+    plan = cache.timestep_plan(11, 2, torch.tensor([4, 1, 3, 5]))  # steps 1, 3, 4, 5 (0 and 2 excluded)
+    first = np.bincount(plan[:, 0].numpy(), minlength=6)
+    both = np.bincount(plan.flatten().numpy(), minlength=6)
+    assert first[0] == first[2] == both[0] == both[2] == 0
+    assert np.all(np.abs(first[[1, 3, 4, 5]] - 750) < 110), first
+    assert np.all(np.abs(both[[1, 3, 4, 5]] - 1500) < 150), both
 
 
 # ---------------------------------------------------------------- storage
@@ -131,8 +173,11 @@ def test_record_state_round_trip(impl, dtype):
     for i, x in enumerate(xs):
         assert torch.equal(cache.state(i), x.to(dtype))
         assert torch.equal(cache.states[i], x.to(dtype))
-    assert torch.equal(cache.log_probs, torch.stack(lps).float())
-    assert cache.log_probs.dtype == torch.float32
+    assert cache.log_probs.dtype == torch.float64
+    assert torch.equal(cache.log_probs, torch.stack(lps))  # float64 log-probs are stored exactly
+    lp32 = torch.randn(B, generator=gen)
+    cache.record_logprob(1, lp32)  # a float32 log-prob is widened exactly
+    assert cache.log_probs.dtype == torch.float64 and torch.equal(cache.log_probs[1], lp32.double())
     # step i's action is step i+1's input: the same storage, written once
     cache.record_state(2, xs[0])
     assert torch.equal(cache.state(2), xs[0].to(dtype))
@@ -228,7 +273,9 @@ def numpy_normalize(r, eps, clip):
 
 
 class DequeTracker:
-    """DDPO's per-prompt stat tracker written with deques and numpy (independent reference)."""
+    """DDPO's per-prompt stat tracker written with deques and numpy (independent reference): the
+    statistics of group g are those of (its deque before this batch) + (this batch's rewards of g),
+    then the batch is appended."""
 
     def __init__(self, buffer_size, min_count):
         self.buffers = collections.defaultdict(lambda: collections.deque(maxlen=buffer_size))
@@ -236,13 +283,13 @@ class DequeTracker:
 
     def update(self, gids, rewards, eps=1e-6, clip=None):
         gids, rewards = np.asarray(gids), np.asarray(rewards, dtype=np.float64)
-        for g, r in zip(gids, rewards):
-            self.buffers[g].append(r)
         out = np.empty_like(rewards)
         for g in np.unique(gids):
-            buf = np.array(self.buffers[g])
-            mean, std = (buf.mean(), buf.std()) if len(buf) >= self.min_count else (rewards.mean(), rewards.std())
+            values = np.concatenate([np.array(self.buffers[g], dtype=np.float64), rewards[gids == g]])
+            mean, std = (values.mean(), values.std()) if len(values) >= self.min_count else (rewards.mean(), rewards.std())
             out[gids == g] = (rewards[gids == g] - mean) / (std + eps)
+        for g, r in zip(gids, rewards):
+            self.buffers[g].append(r)
         return np.clip(out, -clip, clip) if clip is not None else out
 
 
@@ -294,15 +341,45 @@ def test_group_tracker_vs_deque_reference(impl, buffer_size, min_count, clip):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_group_tracker_hand_computed(impl):
     tracker = impl_api(impl)[1](3, 2)
-    # group 5 gets four rewards (ring of 3 wraps: keeps 2, 3, 4); group 9 has one (< min_count -> global)
+    # first batch: group 5's statistics are its four rewards of this batch (all of them, although its ring of
+    # 3 then keeps only 2, 3, 4); group 9 has one value (< min_count): batch-global statistics
     adv = tracker.update(torch.tensor([5, 5, 9, 5, 5]), torch.tensor([1.0, 2.0, 10.0, 3.0, 4.0]), eps=0.0)
     g_mean, g_std = 4.0, np.sqrt(((np.array([1, 2, 10, 3, 4]) - 4.0) ** 2).mean())
-    std5 = np.sqrt(2 / 3)
-    expected = [(1 - 3) / std5, (2 - 3) / std5, (10 - g_mean) / g_std, 0.0, (4 - 3) / std5]
+    std5 = np.sqrt(1.25)  # population std of 1, 2, 3, 4 (mean 2.5)
+    expected = [(1 - 2.5) / std5, (2 - 2.5) / std5, (10 - g_mean) / g_std, (3 - 2.5) / std5, (4 - 2.5) / std5]
     np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-6)
     sd = tracker.state_dict()
     assert sd["group_ids"].tolist() == [5, 9] and sd["counts"].tolist() == [3, 1] and sd["heads"].tolist() == [1, 1]
     assert sd["buffers"].tolist() == [[4.0, 2.0, 3.0], [10.0, 0.0, 0.0]]
+    # second batch: the rings before it (5: 2, 3, 4; 9: 10) together with this batch's rewards
+    adv = tracker.update(torch.tensor([9, 5, 7]), torch.tensor([0.0, 7.0, 1.0]), eps=0.0)
+    m5 = (2 + 3 + 4 + 7) / 4
+    s5 = np.sqrt(((np.array([2, 3, 4, 7]) - m5) ** 2).mean())
+    g_mean, g_std = 8 / 3, np.sqrt(((np.array([0, 7, 1]) - 8 / 3) ** 2).mean())  # group 7: one value -> global
+    np.testing.assert_allclose(adv.numpy(), [(0 - 5) / 5, (7 - m5) / s5, (1 - g_mean) / g_std], rtol=1e-6)
+    sd = tracker.state_dict()
+    assert sd["group_ids"].tolist() == [5, 7, 9] and sd["counts"].tolist() == [3, 1, 2]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_tracker_batch_larger_than_buffer(impl):
+    """64 rewards of one group and a buffer of 32: every sample is in its own statistics (all 64 of the
+    batch, plus the buffer of earlier batches), not only the last 32 the ring keeps."""
+    tracker, ref = impl_api(impl)[1](32, 16), DequeTracker(32, 16)
+    gen = torch.Generator().manual_seed(0)
+    ring = np.zeros(0)  # the last 32 rewards of earlier batches
+    for step in range(3):
+        rewards = torch.randn(64, generator=gen, dtype=torch.float64) * 2 + step
+        gids = torch.zeros(64, dtype=torch.long)
+        adv = tracker.update(gids, rewards, eps=0.0)
+        values = np.concatenate([ring, rewards.numpy()])
+        by_hand = (rewards.numpy() - values.mean()) / values.std()
+        np.testing.assert_allclose(adv.numpy(), by_hand, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(adv.numpy(), ref.update(gids.numpy(), rewards.numpy(), eps=0.0), rtol=1e-5, atol=1e-6)
+        if step == 0:  # the first batch normalises over itself: zero mean, unit std
+            assert abs(float(adv.double().mean())) < 1e-6 and abs(float(adv.double().std(unbiased=False)) - 1) < 1e-6
+        ring = rewards.numpy()[-32:]
+    assert tracker.state_dict()["counts"].tolist() == [32]
 
 
 @needs_ext
@@ -363,10 +440,22 @@ BAD_CALLS = {
     "minibatches": (lambda C, G, N: C(3, 6, (4,)).minibatch_plan(0, 4), ValueError,
                     r"batch_size B=6 must be divisible by num_minibatches M=4"),
     "zero minibatches": (lambda C, G, N: C(3, 6, (4,)).minibatch_plan(0, 0), ValueError, r"num_minibatches M=0"),
-    "train steps": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 3, first_step=1), ValueError,
-                    r"num_train_steps K must be in \[1, T-first_step=2\], got 3"),
-    "first step": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, first_step=3), ValueError,
-                   r"first_step must be in \[0, T-1=2\], got 3"),
+    "train steps": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 3, torch.tensor([1, 2])), ValueError,
+                    r"num_train_steps K must be in \[1, len\(steps\)=2\], got 3"),
+    "zero train steps": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 0, torch.tensor([1, 2])), ValueError,
+                         r"num_train_steps K must be in \[1, len\(steps\)=2\], got 0"),
+    "step range": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.tensor([0, 3])), ValueError,
+                   r"steps\[1\]=3 out of range \[0, 2\]"),
+    "negative step": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.tensor([-1])), ValueError,
+                      r"steps\[0\]=-1 out of range \[0, 2\]"),
+    "repeated step": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.tensor([2, 0, 2])), ValueError,
+                      r"steps has the step 2 twice"),
+    "steps dtype": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.tensor([0.0, 1.0])), TypeError,
+                    r"steps must be an integer tensor, got torch.float32"),
+    "steps shape": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.zeros(0, dtype=torch.long)), ValueError,
+                    r"steps must have shape \[P\] with P >= 1, got \[0\]"),
+    "steps 2-d": (lambda C, G, N: C(3, 6, (4,)).timestep_plan(0, 1, torch.zeros(1, 2, dtype=torch.long)), ValueError,
+                  r"steps must have shape \[P\] with P >= 1, got \[1, 2\]"),
     "schedule dtype": (lambda C, G, N: C(2, 2, (1,)).set_schedule(torch.zeros(2), torch.zeros(2)), TypeError,
                        r"timesteps must be an integer tensor, got torch.float32"),
     "rewards shape": (lambda C, G, N: C(2, 2, (1,)).set_rewards(torch.zeros(3), torch.zeros(2, dtype=torch.long)),
@@ -458,12 +547,13 @@ def test_cuda_storage_plans_and_graph_capture(impl, dtype):
     cpu = Cache(T, B, shape, dtype, "cpu")
     plan = cache.minibatch_plan(5, 2)
     assert plan.is_cuda and torch.equal(plan.cpu(), cpu.minibatch_plan(5, 2))
-    assert torch.equal(cache.timestep_plan(5, 2, 1).cpu(), cpu.timestep_plan(5, 2, 1))
+    steps = torch.tensor([2, 0])
+    assert torch.equal(cache.timestep_plan(5, 2, steps.cuda()).cpu(), cpu.timestep_plan(5, 2, steps))
     with pytest.raises(ValueError, match="is on cpu but the cache is on cuda"):
         cache.record_state(0, torch.zeros(B, *shape))
 
     x = torch.randn(B, *shape, device="cuda")
-    lp = torch.randn(B, device="cuda")
+    lp = torch.randn(B, device="cuda", dtype=torch.float64)
     ptr = cache.states.data_ptr()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -219,6 +219,6 @@ def ddim_step_reference(
         x_prev = (mean + sig * noise.to(dt)).to(x_t.dtype if out is None else out.dtype)
         if out is not None:
             x_prev = out.copy_(x_prev)
-    s = sig.reshape(-1).clamp_min(sigma_floor)
+    s = sig.reshape(-1).float().clamp_min(sigma_floor)  # s = max(sigma, sigma_floor) in float32, as the kernels and log-ratios
     log_prob = gaussian_log_prob(x_prev, mean, s, reduction)
     return x_prev.to(x_t.dtype) if out is None else x_prev, mean.to(x_t.dtype), log_prob
