@@ -1,7 +1,7 @@
 """Fused trajectory PPO reduction vs a float64 hand formula (Triton interpreter on CPU)."""
 import pytest
 import torch
-from kernel_checks import assert_within_2x, gen, poison, randn, ulps  # noqa: F401
+from kernel_checks import assert_within_2x, assert_within_bound, gen, poison, randn, trajectory_bounds, ulps  # noqa: F401
 
 from ppo_ddpm.kernels import TrajectoryPPO, trajectory_ppo, trajectory_ppo_reference
 
@@ -40,8 +40,13 @@ def inputs(T, B, gen, dtype=torch.float32, scale=0.05):
     return randn((T, B), gen, scale, dtype).to(DEV), randn((B,), gen).to(DEV)
 
 
-def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact):
+def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv):
     loss, log_r, r, mask, weights, stats = exact
+    bounds = trajectory_bounds(l, adv, exact)
+    for name, o, e in (("loss", out.loss, loss), ("log_ratio", out.log_ratio, log_r), ("ratio", out.ratio, r), ("weights", out.weights, weights)):
+        assert_within_bound(name, o, e, bounds[name])
+    for k in STATS:
+        assert_within_bound(k, out.stats[k], stats[k], bounds[k])
     assert isinstance(out, TrajectoryPPO) and out.mask.dtype == torch.bool
     assert out.loss.dim() == 0 and all(out.stats[k].dim() == 0 for k in STATS)
     assert torch.equal(out.mask, mask) and torch.equal(ref.mask, mask)
@@ -57,13 +62,13 @@ def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact):
 @pytest.mark.parametrize("T,B", [(5, 3), (50, 300), (1, 1)])  # (50, 300): 2 programs x 4 tiles of T
 def test_matches_float64(T, B, settings, gen):
     l, adv = inputs(T, B, gen)
-    check(trajectory_ppo(l, adv, **settings), trajectory_ppo_reference(l, adv, **settings), exact_trajectory(l, adv, **settings))
+    check(trajectory_ppo(l, adv, **settings), trajectory_ppo_reference(l, adv, **settings), exact_trajectory(l, adv, **settings), l, adv)
 
 
 def test_bf16_log_ratios(gen):
     l, adv = inputs(7, 33, gen, torch.bfloat16)
     s = SETTINGS[3]
-    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s))
+    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv)
 
 
 def test_clips_exactly_on_the_boundary_are_not_active():
