@@ -1,8 +1,11 @@
 """The kernels' multi-block path as it runs on an H100/H200: under the split of a 132-SM GPU
 (``_dispatch.emulate_sm_count``), B = 132 samples of D = 15360 elements are cut into 4 chunks per
 sample, each program loops over 2 BLOCKs and the last chunk is ragged (1.5 BLOCKs). Each op, forward
-and backward, runs in the interpreter against float64 maths (the plain-PyTorch references evaluated
-on float64 inputs) within the rounding bounds of ``kernel_checks``."""
+and backward, runs in the interpreter (natively on a GPU) against float64 maths (the plain-PyTorch
+references evaluated on float64 inputs) within the rounding bounds of ``kernel_checks``. On a GPU the
+same tests also run at B = 64 x 3x256x256 with the device's own split (132 SMs: 9 chunks of 11 BLOCKs)."""
+import contextlib
+
 import pytest
 import torch
 from kernel_checks import assert_within_bound, ddim_step_bounds, gen, log_ratio_bounds, poison, randn, trajectory_bounds  # noqa: F401
@@ -25,6 +28,13 @@ pytestmark = [pytest.mark.usefixtures("poison"),
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 H100_SMS = 132
 SHAPE = (132, 3, 80, 64)  # D = 15360 = 7.5 BLOCKs
+CASES = [pytest.param(SHAPE, H100_SMS, id="B132-3x80x64-132sm"),
+         pytest.param((64, 3, 256, 256), None, id="B64-3x256x256-device", marks=pytest.mark.cuda)]
+
+
+def _split(num_sms):
+    """The split of a num_sms-SM GPU, or the device's own (None)."""
+    return _dispatch.emulate_sm_count(num_sms) if num_sms else contextlib.nullcontext()
 
 
 def test_132_sm_split_loops_over_blocks_and_chunks():
@@ -57,40 +67,42 @@ def _schedule(B, gen):
     return [v.float().to(DEV) for v in (a_t, a_p, ddim_sigma(a_t, a_p, 1.0))]
 
 
-def _ddim(fn, x_t, eps, coefs, z, score, grads, clip_x0):
-    """(x_prev, mean, log_prob, d eps) of fn for the cotangents ``grads`` (None where absent), on a 132-SM split."""
+def _ddim(fn, x_t, eps, coefs, z, score, grads, clip_x0, num_sms=None):
+    """(x_prev, mean, log_prob, d eps) of fn for the cotangents ``grads`` (None where absent)."""
     eps = eps.clone().requires_grad_(True)
-    with _dispatch.emulate_sm_count(H100_SMS):
+    with _split(num_sms):
         outs = fn(x_t, eps, *coefs, clip_x0=clip_x0, **({"x_prev": z} if score else {"noise": z}))
     pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads) if g is not None]
     (geps,) = torch.autograd.grad([o for o, _ in pairs], eps, [g for _, g in pairs])
     return (*outs, geps)
 
 
+@pytest.mark.parametrize("shape,num_sms", CASES)
 @pytest.mark.parametrize("score,dtype,clip_x0", [(False, torch.float32, 1.0), (True, torch.bfloat16, None)], ids=["sample-fp32-clip", "score-bf16"])
-def test_ddim_step(score, dtype, clip_x0, gen):
-    coefs = _schedule(SHAPE[0], gen)
-    x_t, eps = randn(SHAPE, gen, dtype=dtype).to(DEV), randn(SHAPE, gen, dtype=dtype).to(DEV)
-    z = randn(SHAPE, gen).to(DEV)
+def test_ddim_step(score, dtype, clip_x0, shape, num_sms, gen):
+    coefs = _schedule(shape[0], gen)
+    x_t, eps = randn(shape, gen, dtype=dtype).to(DEV), randn(shape, gen, dtype=dtype).to(DEV)
+    z = randn(shape, gen).to(DEV)
     if score:  # a cached action near the mean, in the state dtype
         z = ddim_step_reference(x_t.double(), eps.double(), *coefs, noise=z.double())[0].to(dtype)
-    g_out = randn(SHAPE, gen, dtype=dtype).to(DEV)
-    grads = (None, g_out, randn(SHAPE[:1], gen, 1e-3).to(DEV)) if score else (randn(SHAPE, gen, dtype=dtype).to(DEV), g_out, None)
-    out = _ddim(ddim_step, x_t, eps, coefs, z, score, grads, clip_x0)
+    g_out = randn(shape, gen, dtype=dtype).to(DEV)
+    grads = (None, g_out, randn(shape[:1], gen, 1e-3).to(DEV)) if score else (randn(shape, gen, dtype=dtype).to(DEV), g_out, None)
+    out = _ddim(ddim_step, x_t, eps, coefs, z, score, grads, clip_x0, num_sms)
     exact = _ddim(ddim_step_reference, x_t.double(), eps.double(), coefs, z.double(), score, [None if g is None else g.double() for g in grads], clip_x0)
     bounds = ddim_step_bounds(x_t, eps, coefs[0], coefs[2], z, score, exact[:3], exact[3], grads, clip_x0)
     for name, o, e in zip(("x_prev", "mean", "log_prob", "d eps"), out, exact):
         assert_within_bound(name, o, e, bounds[name])
 
 
+@pytest.mark.parametrize("shape,num_sms", CASES)
 @pytest.mark.parametrize("from_logprob,dtype", [(False, torch.float32), (True, torch.float16)], ids=["mu_old-fp32", "from_logprob-fp16"])
-def test_gaussian_log_ratio(from_logprob, dtype, gen):
-    B = SHAPE[0]
+def test_gaussian_log_ratio(from_logprob, dtype, shape, num_sms, gen):
+    B = shape[0]
     sigma = (0.05 + 0.3 * torch.rand(B, generator=gen, dtype=torch.float64)).float().to(DEV)
     s = sigma.view(-1, 1, 1, 1).double().cpu()
-    mo = randn(SHAPE, gen)
-    x = (mo + s * randn(SHAPE, gen)).to(dtype).to(DEV)
-    mn = (mo + 0.002 * s * randn(SHAPE, gen)).to(dtype).to(DEV)
+    mo = randn(shape, gen)
+    x = (mo + s * randn(shape, gen)).to(dtype).to(DEV)
+    mn = (mo + 0.002 * s * randn(shape, gen)).to(dtype).to(DEV)
     if from_logprob:
         other = gaussian_log_ratio_from_logprob_reference(x.double(), mo.to(DEV), torch.zeros(B, dtype=torch.float64, device=DEV), sigma.double()).float()
         fn, ref = gaussian_log_ratio_from_logprob, gaussian_log_ratio_from_logprob_reference
@@ -99,7 +111,7 @@ def test_gaussian_log_ratio(from_logprob, dtype, gen):
         fn, ref = gaussian_log_ratio, gaussian_log_ratio_reference
     g = randn((B,), gen).to(DEV)
     mn_k, mn_e = mn.clone().requires_grad_(True), mn.double().requires_grad_(True)
-    with _dispatch.emulate_sm_count(H100_SMS):
+    with _split(num_sms):
         out = fn(x, mn_k, other, sigma)
     exact = ref(x.double(), mn_e, other.double(), sigma.double())
     (grad,) = torch.autograd.grad(out, mn_k, g)
