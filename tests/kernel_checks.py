@@ -172,21 +172,23 @@ def log_ratio_bounds(x_prev, mu_new, other, sigma, exact, exact_grad=None, g=Non
     return bounds
 
 
-def trajectory_bounds(log_ratio_steps, advantages, exact, per_step_clip=None) -> dict:
-    """Absolute error bounds of trajectory_ppo's outputs against the float64 answer ``exact`` = (loss, log r,
-    r, mask, weights, stats). The per-step values are exact in fp32 and summed in fp64, so log r errs only by
-    its rounding to fp32, dl = u |log r| (+ T 2^-53 sum |l|), and by the clip c rounded to fp32 on each clipped
-    step (u c per step; exact when the float64 answer clipped at fp32(c)); r = exp(log r) by dr = r dl + u r; the fp64
-    per-sample terms carry these into weights (|A| dr / B + u |w|), the loss (sum |A| dr / B + u |loss|),
-    approx_kl_k1 (mean dl) and approx_kl_k3 (mean |r - 1| dl), each plus u of its value; counts are exact."""
-    loss, log_r, r, _mask, weights, stats = exact
+def trajectory_bounds(log_ratio_steps, advantages, loss, log_ratio, weights, stats, per_step_clip=None) -> dict:
+    """Absolute error bounds of trajectory_ppo's outputs against the float64 answers (loss, log r [B],
+    weights [B], stats: name -> value). The per-step values are exact in fp32 and summed in fp64, so log r
+    errs only by its rounding to fp32, dl = u |log r| (+ T 2^-53 sum |l|), and by the clip c rounded to fp32
+    on each clipped step (u c per step); r = exp(log r) by dr = r dl + u r; the fp64 per-sample terms carry
+    these into the weights (|A| dr / B + u |w|), the loss (sum |A| dr / B + u |loss|), approx_kl_k1 (mean dl)
+    and approx_kl_k3 (mean |r - 1| dl), each plus u of its value; counts are exact. Keys: loss, log_ratio,
+    ratio, weights and those of ``stats``."""
     l, adv = log_ratio_steps.double(), advantages.double()
+    log_r = log_ratio.detach().double()
+    r = log_r.exp()
     T, B = l.shape
     dl = U32 * log_r.abs() + T * 2.0**-53 * l.abs().sum(0)
     if per_step_clip is not None:
         dl = dl + U32 * per_step_clip * (l.abs() >= per_step_clip * (1 - U32)).sum(0)
     dr = r * dl + U32 * r
-    bounds = {"log_ratio": dl, "ratio": dr, "weights": adv.abs() * dr / B + U32 * weights.abs(),
+    bounds = {"log_ratio": dl, "ratio": dr, "weights": adv.abs() * dr / B + U32 * weights.detach().double().abs(),
               "loss": (adv.abs() * dr).sum() / B + U32 * abs(float(loss))}
     extra = {"approx_kl_k1": dl.mean(), "approx_kl_k3": ((r - 1).abs() * dl).mean()}
     bounds.update({k: extra.get(k, 0.0) + U32 * abs(float(v)) for k, v in stats.items()})

@@ -42,7 +42,7 @@ def inputs(T, B, gen, dtype=torch.float32, scale=0.05):
 
 def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv):
     loss, log_r, r, mask, weights, stats = exact
-    bounds = trajectory_bounds(l, adv, exact)
+    bounds = trajectory_bounds(l, adv, loss, log_r, weights, stats)
     for name, o, e in (("loss", out.loss, loss), ("log_ratio", out.log_ratio, log_r), ("ratio", out.ratio, r), ("weights", out.weights, weights)):
         assert_within_bound(name, o, e, bounds[name])
     for k in STATS:
