@@ -8,6 +8,7 @@ meaningless for timing, is never what is timed).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -24,14 +25,17 @@ from ppo_ddpm.ddpm.model import build_model
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if ON_CUDA else torch.device("cpu")
 
-# Kernel grid: (image side, batch). CUDA covers 8x8..256x256 and B=8..256.
-KERNEL_SIDES = [8, 32, 64, 128, 256] if ON_CUDA else [8, 16, 32]
-KERNEL_BATCHES = [8, 64, 256] if ON_CUDA else [8, 64]
+# Kernel grid: (image side, batch). CUDA: the default config's 3x32x32 at B=64 (launch-bound) and the
+# headline 3x256x256 at B=256, where every group moves >= 256 MB per call (>= 4x the 50-60 MB L2 of an
+# H100/H200), so the time is HBM traffic, not launch overhead.
+KERNEL_SIZES = [(32, 64), (256, 256)] if ON_CUDA else [(8, 8), (8, 64), (16, 8), (16, 64), (32, 8), (32, 64)]
 KERNEL_DTYPES = [torch.float32, torch.bfloat16] if ON_CUDA else [torch.float32]
+HEADLINE_BYTES = 256 << 20
 CHANNELS = 3
-# Calls per timed round: on CUDA one round = INNER back-to-back launches + one synchronize,
-# so the sync and Python overheads are amortised; medians are reported per call.
+# Calls per timed round: on CUDA one round replays a CUDA graph of INNER calls, then synchronises,
+# so host launch overhead and the sync are out of the timing; medians are reported per call.
 INNER = 20 if ON_CUDA else 1
+WARMUP_CALLS = 3  # after the first call, before capture / timing
 
 
 def cpu_model() -> str:
@@ -109,43 +113,82 @@ def median_s(benchmark) -> float:
     return benchmark.stats.stats.median
 
 
-_compiled: dict = {}
+def timed_round(fn, setup=None, inner: int = INNER):
+    """The timed unit of a kernel benchmark, prepared: ``setup`` (e.g. the forward whose graph a
+    backward benchmark replays) runs once, then the first call of ``fn`` (Triton JIT, torch.compile)
+    is timed apart, and WARMUP_CALLS more calls follow. On CUDA ``inner`` calls are then captured in
+    one CUDA graph (capture timed apart) and a round replays it and synchronises: GPU time, not host
+    launch overhead. Elsewhere a round runs ``inner`` calls. All of it runs on one stream, a side stream
+    on CUDA (backward ops run on their forward's stream, and the capture must see them).
+
+    Returns (round, info) with info = {setup_s (with setup), first_call_s, capture_s (CUDA), timing: 'cuda_graph' | 'eager'}.
+    """
+    stream = torch.cuda.Stream() if ON_CUDA else None
+    info = {}
+    with torch.cuda.stream(stream) if ON_CUDA else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        if setup is not None:
+            setup()
+            sync()
+            info["setup_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        info["first_call_s"] = time.perf_counter() - t0
+        for _ in range(WARMUP_CALLS):
+            fn()
+        sync()
+    if not ON_CUDA:
+        info["timing"] = "eager"
+        return run_inner(fn, inner), info
+    graph = torch.cuda.CUDAGraph()
+    t0 = time.perf_counter()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(inner):
+            fn()
+    sync()
+    info.update(capture_s=time.perf_counter() - t0, timing="cuda_graph")
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    replay()  # the first replay uploads the graph
+    return replay, info
 
 
-def compiled(fn, name: str):
-    """torch.compile(fn) with default settings, built once per name; skips the test (with the
-    reason) when compilation is unavailable here, e.g. no C++ compiler for inductor's CPU backend."""
-    if name in _compiled:
-        c = _compiled[name]
-        if isinstance(c, Exception):
-            pytest.skip(f"torch.compile of {name} failed earlier: {type(c).__name__}: {c}"[:300])
-        return c
+def first_call_s(fn) -> float:
+    """Seconds of one call of ``fn``, synchronised: the first call of a benchmark (CUDA-graph capture,
+    Triton JIT, allocator growth), made before its warm-up and timed rounds and reported apart."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process (torch._dynamo.utils.counters)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def compiled(fn):
+    """A fresh ``torch.compile(fn, fullgraph=True, dynamic=False)`` for one group (op, shape, dtype,
+    direction). Dynamo keeps its compiled code on the function's code object, so one compile object
+    shared across groups recompiles for each and, past ``recompile_limit`` (8), silently runs eager:
+    the caches are therefore reset first, and ``fullgraph`` makes any graph break an error. Skips the
+    test (with the reason) where torch.compile is unavailable, e.g. no C++ compiler for inductor's CPU backend."""
     try:
-        # the backward benchmarks replay one graph (retain_graph=True); donated buffers forbid that
+        import torch._dynamo
         import torch._functorch.config as fconf
 
-        fconf.donated_buffer = False
-        _compiled[name] = torch.compile(fn)
+        torch._dynamo.reset()
+        fconf.donated_buffer = False  # the backward benchmarks replay one graph (retain_graph=True)
+        return torch.compile(fn, fullgraph=True, dynamic=False)
     except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-        _compiled[name] = e
         pytest.skip(f"torch.compile unavailable: {type(e).__name__}: {e}"[:300])
-    return _compiled[name]
-
-
-def first_call(go, compile_name: str | None = None) -> float | None:
-    """Run ``go`` once before timing. For a torch.compile impl (``compile_name`` given) this is the
-    compilation: returns its seconds, or skips the test with the reason if it raises."""
-    if compile_name is None:
-        go()
-        return None
-    t0 = time.perf_counter()
-    try:
-        go()
-        sync()
-    except Exception as e:  # noqa: BLE001
-        _compiled[compile_name] = e
-        pytest.skip(f"torch.compile of {compile_name} failed: {type(e).__name__}: {e}"[:300])
-    return time.perf_counter() - t0
 
 
 class _Held:

@@ -90,19 +90,25 @@ def kernels(kinds: dict) -> list[str]:
             inner = e.get("inner", 1)
             per_call = e["median_per_call_s"]
             rows.append([e["op"], f"{e['side']}×{e['side']}", e["batch"], e["dtype"].removeprefix("torch."), name,
-                         _us(per_call), _us(st["iqr"] / inner), _us(st["stddev"] / inner), st["rounds"],
+                         f"{e['bytes_moved'] / 1e6:,.0f}", _us(per_call), _us(st["iqr"] / inner), _us(st["stddev"] / inner), st["rounds"],
                          f"{e['gbps']:.2f}", f"{100 * e['gbps'] / copy_gbps:.0f}%" if copy_gbps else "—",
                          _ratio(ref["extra_info"]["median_per_call_s"], per_call) if ref else "—"])
     if rows:
-        out += _table(["op", "size", "B", "dtype", "impl", "median µs/call", "IQR µs", "stddev µs", "rounds", "GB/s",
+        if any(b["extra_info"].get("timing") == "cuda_graph" for b in kinds["kernel"]):
+            out += [f"Timing: a round replays a CUDA graph of {kinds['kernel'][0]['extra_info']['inner']} calls (host launch "
+                    "overhead excluded); headline sizes move >= 256 MB per call.", ""]
+        else:
+            out += ["Timing: eager calls (no CUDA graph on this device).", ""]
+        out += _table(["op", "size", "B", "dtype", "impl", "MB/call", "median µs/call", "IQR µs", "stddev µs", "rounds", "GB/s",
                        "% of copy BW", "speed-up vs reference"], rows)
     first = defaultdict(list)
     for b in kinds.get("kernel", []):
-        if b["extra_info"]["impl"] == "compile" and b["extra_info"].get("first_call_s") is not None:
-            first[b["extra_info"]["op"]].append(b["extra_info"]["first_call_s"])
+        e = b["extra_info"]
+        if e.get("first_call_s") is not None:
+            first[(e["impl"], e["op"])].append(e["first_call_s"] + e.get("setup_s", 0.0))
     if first:
-        out += ["torch.compile first call (compilation included), max over sizes: "
-                + ", ".join(f"{op} {max(v):.1f} s" for op, v in sorted(first.items())), ""]
+        out += ["First call (Triton JIT / torch.compile included; excluded from the timings), max over sizes: "
+                + ", ".join(f"{impl} {op} {max(v):.2f} s" for (impl, op), v in sorted(first.items()) if impl != "reference"), ""]
     return out
 
 
@@ -117,13 +123,14 @@ def throughput(kinds: dict, kind: str) -> list[str]:
         eager = impls.get("eager")
         for name, b in sorted(impls.items(), key=lambda kv: kv[0] == "ddpo"):
             e, st = b["extra_info"], b["stats"]
-            rows.append([g, name, f"{e['params'] / 1e6:.2f}M", _s(st["median"]), _s(st["iqr"]), _s(st["stddev"]), st["rounds"],
+            rows.append([g, name, f"{e['params'] / 1e6:.2f}M", _s(e["first_call_s"]) if "first_call_s" in e else "—",
+                         _s(st["median"]), _s(st["iqr"]), _s(st["stddev"]), st["rounds"],
                          f"{e['samples_per_s']:.1f}", _ratio(base["stats"]["median"], st["median"]) if base else "—",
                          _ratio(eager["stats"]["median"], st["median"]) if eager and name == "graph" else ""])
     if not rows:
         return []
-    return _table(["group", "impl", "UNet params", "median s", "IQR", "stddev", "rounds", "samples/s", "speed-up vs DDPO-style",
-                   "graph vs eager"], rows)
+    return _table(["group", "impl", "UNet params", "first call s", "median s", "IQR", "stddev", "rounds", "samples/s",
+                   "speed-up vs DDPO-style", "graph vs eager"], rows)
 
 
 def storage(kinds: dict) -> list[str]:

@@ -6,10 +6,12 @@ elements (a multiple of BLOCK); program (c, b) loops over its chunk in BLOCK ste
 accumulates in fp32 and writes one partial sum to ``partial[b, c]``. A tiny second
 kernel (one program per sample) adds the partials in a fixed order, so results are
 deterministic (no atomics). On a GPU, ``nchunks`` is chosen so that about 4 programs
-per SM are in flight even for small B; in the interpreter it targets 8 programs.
+per SM are in flight even for small B; in the interpreter it targets 8 programs, unless
+``emulate_sm_count`` makes ``split`` see the SMs of a given GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -75,9 +77,37 @@ def new_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 8
+_emulated_sms: int | None = None
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@contextlib.contextmanager
+def emulate_sm_count(num_sms: int):
+    """Within the block, ``split`` targets PROGRAMS_PER_SM * num_sms programs on every device
+    (interpreter included), as on a GPU with ``num_sms`` SMs: tests of the multi-block path and the
+    ahead-of-time compile (``kernels.aot``) see the launches of, e.g., a 132-SM H100/H200."""
+    global _emulated_sms
+    if not (isinstance(num_sms, int) and num_sms >= 1):
+        raise ValueError(f"num_sms must be an int >= 1, got {num_sms!r}")
+    previous, _emulated_sms = _emulated_sms, num_sms
+    try:
+        yield
+    finally:
+        _emulated_sms = previous
+
+
+def _target_programs(device: torch.device) -> int:
+    if _emulated_sms is not None:
+        return PROGRAMS_PER_SM * _emulated_sms
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_PROGRAMS
 
 
 @dataclass(frozen=True)
@@ -95,7 +125,7 @@ class Split:
 
 def split(B: int, D: int, device: torch.device) -> Split:
     """Chunks per sample so that B * nchunks ~ 4 programs per SM (8 in the interpreter)."""
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 8
+    target = _target_programs(device)
     blocks = triton.cdiv(D, BLOCK)
     nchunks = max(1, min(blocks, triton.cdiv(target, B)))
     chunk_len = triton.cdiv(blocks, nchunks) * BLOCK

@@ -40,6 +40,8 @@ from ._dispatch import HAS_TRITON, tl, triton
 __all__ = ["TrajectoryPPO", "trajectory_ppo", "trajectory_ppo_reference", "bytes_moved"]
 
 _STATS = ("clipfrac", "step_clipfrac", "global_clipfrac")
+TILE = 1024  # elements of l per program and loop step, fp64 in registers (4096 spills on sm_80/sm_90, AOT-checked)
+NUM_WARPS = 8  # 4 spills 12-24 bytes on sm_80/sm_90 for some tiles (python -m ppo_ddpm.kernels.aot)
 
 
 @dataclass
@@ -161,7 +163,7 @@ def trajectory_ppo(log_ratio_steps, advantages, *, clip_range, per_step_clip=Non
     adv = advantages.detach().float().contiguous()
     dev = lr.device
     block_b = min(triton.next_power_of_2(B), 256)
-    block_t = min(triton.next_power_of_2(T), max(1, 4096 // block_b))
+    block_t = min(triton.next_power_of_2(T), max(1, TILE // block_b))
     grid = triton.cdiv(B, block_b)
     new = _dispatch.new_empty
     logr, weights = (new((B,), torch.float32, dev) for _ in range(2))
@@ -170,7 +172,7 @@ def trajectory_ppo(log_ratio_steps, advantages, *, clip_range, per_step_clip=Non
     _trajectory_kernel[(grid,)](
         lr, adv, logr, mask, weights, part, T, B, 1 - clip_range, 1 + clip_range,
         math.inf if per_step_clip is None else float(per_step_clip), math.inf if global_clip is None else float(global_clip),
-        BLOCK_T=block_t, BLOCK_B=block_b, STRICT=grad_mask == "strict", num_warps=4,
+        BLOCK_T=block_t, BLOCK_B=block_b, STRICT=grad_mask == "strict", num_warps=NUM_WARPS,
     )
     sums = part.sum(0).float()
     stats = dict(zip(_STATS, sums[1:].unbind()))

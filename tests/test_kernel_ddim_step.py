@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import assert_within_2x, gen, poison, randn, ulps  # noqa: F401
+from kernel_checks import assert_within_2x, assert_within_bound, ddim_step_bounds, gen, poison, randn, ulps  # noqa: F401
 
 from ppo_ddpm.ddpm.ddim import ddim_sigma
 from ppo_ddpm.kernels import ddim_step, ddim_step_reference
@@ -114,6 +114,11 @@ def test_matches_float64_and_reference(dtype, shape, clip_x0, score, gen):
     check_log_prob(ddim_step, out, x_t, eps, a_t, a_p, sig, z, score, clip_x0=clip_x0)
     check_log_prob(ddim_step_reference, ref, x_t, eps, a_t, a_p, sig, z, score, clip_x0=clip_x0)
     assert_within_2x("d eps", geps, ref_geps, eps64.grad, ulps(eps64.grad, 1))
+    bounds = ddim_step_bounds(x_t, eps, a_t, sig, z, score, exact, eps64.grad, grads, clip_x0)
+    for name, o, e in zip(("x_prev", "mean", "log_prob", "d eps"), (*out, geps), (*exact, eps64.grad)):
+        if name == "log_prob" and not score and dtype != torch.float32:
+            continue  # it scores x_prev rounded to bf16/fp16, not the exact one: check_log_prob above pins it
+        assert_within_bound(name, o, e, bounds[name])
 
 
 def test_log_prob_does_not_depend_on_eps_when_sampling(gen):

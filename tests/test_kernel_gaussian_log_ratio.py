@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import assert_within_2x, gen, poison, randn, ulps  # noqa: F401
+from kernel_checks import assert_within_2x, assert_within_bound, gen, log_ratio_bounds, poison, randn, ulps  # noqa: F401
 
 from ppo_ddpm.kernels import (
     gaussian_log_ratio,
@@ -93,6 +93,9 @@ def test_forward_and_backward_match_float64(variant, shape, dtype, reduction, ge
     scale = other.double().abs() / divisor(x, reduction) if variant == "from_logprob" else exact.abs()
     assert_within_2x("log_ratio", out, ref, exact, ulps(exact, 1) + f64_ulps(scale))
     assert_within_2x("d mu_new", grad, ref_grad, mn64.grad, ulps(mn64.grad, 1))
+    bounds = log_ratio_bounds(x, mn, other, sigma, exact, mn64.grad, g, from_logprob=variant == "from_logprob")
+    assert_within_bound("log_ratio", out, exact, bounds["log_ratio"])
+    assert_within_bound("d mu_new", grad, mn64.grad, bounds["d mu_new"])
 
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])

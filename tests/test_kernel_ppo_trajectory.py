@@ -2,7 +2,7 @@
 masks (``strict``, ``ppo`` = autograd of the min form through the clamps)."""
 import pytest
 import torch
-from kernel_checks import assert_within_2x, gen, poison, randn, ulps  # noqa: F401
+from kernel_checks import assert_within_2x, assert_within_bound, gen, poison, randn, trajectory_bounds, ulps  # noqa: F401
 
 from ppo_ddpm.kernels import TrajectoryPPO, trajectory_ppo, trajectory_ppo_reference
 
@@ -44,8 +44,13 @@ def inputs(T, B, gen, dtype=torch.float32, scale=0.05):
     return randn((T, B), gen, scale, dtype).to(DEV), randn((B,), gen).to(DEV)
 
 
-def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact):
+def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv):
     loss, log_r, r, mask, weights, stats = exact
+    bounds = trajectory_bounds(l, adv, loss, log_r, weights, stats)
+    for name, o, e in (("loss", out.loss, loss), ("log_ratio", out.log_ratio, log_r), ("weights", out.weights, weights)):
+        assert_within_bound(name, o, e, bounds[name])
+    for k in STATS:
+        assert_within_bound(k, out.stats[k], stats[k], bounds[k])
     assert isinstance(out, TrajectoryPPO) and out.mask.dtype == torch.bool and not hasattr(out, "ratio")
     assert out.loss.dim() == 0 and set(out.stats) == set(STATS) and all(out.stats[k].dim() == 0 for k in STATS)
     assert torch.equal(out.mask, mask) and torch.equal(ref.mask, mask)
@@ -62,7 +67,7 @@ def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact):
 def test_matches_float64(T, B, settings, grad_mask, gen):
     l, adv = inputs(T, B, gen)
     s = dict(settings, grad_mask=grad_mask)
-    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s))
+    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv)
 
 
 @pytest.mark.parametrize("grad_mask", ["strict", "ppo"])
@@ -71,7 +76,7 @@ def test_bf16_and_float64_log_ratios(dtype, grad_mask, gen):
     """l is loaded in its own dtype (float64: the trainer's ratio pass) and summed in float64."""
     l, adv = inputs(7, 33, gen, dtype)
     s = dict(SETTINGS[3], grad_mask=grad_mask)
-    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s))
+    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv)
 
 
 def test_float64_log_ratios_are_not_rounded_to_float32():
