@@ -385,7 +385,7 @@ class RewardConfig:
 
     kind: RewardKind = "model"
     model_path: str = ""
-    model_output: ModelOutput = "log_odds"  # kind model: logit_real - logit_fake, or log p(real)
+    model_output: ModelOutput = "log_p_real"  # kind model: log p(real) (bounded), or logit_real - logit_fake
     target_class: int = 1
     function: str = ""
     terms: list[RewardTermConfig] = field(default_factory=list)
@@ -418,22 +418,22 @@ class PPOConfig:
     objective: Literal["trajectory", "per_step"] = "trajectory"
     log_prob_reduction: Literal["sum", "mean"] = "sum"
     grad_mask: Literal["strict", "ppo"] = "strict"
-    iterations: int = rule(20, ge=0)
+    iterations: int = rule(40, ge=0)
     batch_size: int = rule(32, ge=1)  # rollouts per iteration (per rank)
-    num_epochs: int = rule(1, ge=1)
-    num_minibatches: int = rule(1, ge=1)
+    num_epochs: int = rule(2, ge=1)  # 2 x 2: three of the four updates per batch run off-policy (r != 1)
+    num_minibatches: int = rule(2, ge=1)
     microbatch: int = rule(32, ge=1)
     clip_range: float = rule(0.2, gt=0)
     per_step_clip: Optional[float] = rule(1.0, gt=0)
     global_clip: Optional[float] = rule(5.0, gt=0)
-    sigma_floor: float = rule(1e-2, ge=0)
+    sigma_floor: float = rule(0.1, ge=0)  # down-weights near-deterministic steps (docs/objective.md)
     sample_at_floor: bool = False
     adv_clip: Optional[float] = rule(5.0, gt=0)
     advantage: Literal["global", "group"] = "global"
     group_buffer_size: int = rule(32, ge=1)
     group_min_count: int = rule(16, ge=0)
     grad_clip: Optional[float] = rule(1.0, gt=0)
-    lr: float = rule(2e-4, gt=0)  # smoke: 5e-4 reward-hacks the real-vs-fake CNN into noise textures
+    lr: float = rule(2e-5, gt=0)  # with the summed (density) ratio: clip fraction ~0.36 (docs/objective.md)
     weight_decay: float = rule(0.0, ge=0)
     ema_decay: float = rule(0.0, ge=0, lt=1)  # 0: off
     kl_beta: float = rule(0.0, ge=0)
