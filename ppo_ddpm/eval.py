@@ -153,9 +153,10 @@ GRAIN = 1.25  # grain above this multiple of max(base, real): noise texture
 
 def verdict(r: dict) -> tuple[str, list[str]]:
     """(label, reasons) from an ``evaluate`` summary: ``improved``, ``no gain``, ``no gain over control``,
-    ``collapsed``, ``hacked`` (reward up, but away from the real data or grainy) or ``non-finite`` (the
+    ``collapsed``, ``off-data`` (the samples moved away from the real data: KID or grain; for a learned
+    reward of realism this is reward hacking, for a JPEG reward it can be the point) or ``non-finite`` (the
     fine-tuned model's rewards or samples hold NaN / inf). Several reasons can apply; the label is the first
-    of: non-finite, collapsed, hacked, no gain over control, no gain, improved. A comparison whose values
+    of: non-finite, collapsed, off-data, no gain over control, no gain, improved. A comparison whose values
     are not known (None) is not made, except that an unknown gain counts as no gain."""
     reasons = []
     bad_r, bad_x = r.get("finetuned_nonfinite_rewards", 0), r.get("finetuned_nonfinite_images", 0)
@@ -169,10 +170,10 @@ def verdict(r: dict) -> tuple[str, list[str]]:
     if real is not None:
         fk, bk = r["finetuned"].get("kid"), r["base"].get("kid")
         if fk is not None and bk is not None and fk > DRIFT_KID * bk:
-            reasons.append(f"hacked: KID to real data {fk:.4g} > {DRIFT_KID} x base {bk:.4g}")
+            reasons.append(f"off-data: KID to real data {fk:.4g} > {DRIFT_KID} x base {bk:.4g}")
         grains = (r["finetuned"]["grain"], r["base"]["grain"], real["grain"])
         if None not in grains and grains[0] > GRAIN * max(grains[1:]):
-            reasons.append(f"hacked: grain {grains[0]:.3g} > {GRAIN} x max(base, real) {max(grains[1:]):.3g}")
+            reasons.append(f"off-data: grain {grains[0]:.3g} > {GRAIN} x max(base, real) {max(grains[1:]):.3g}")
     gains = [("no gain", "reward gain", r["reward_gain"], r["reward_gain_se"])]
     if "gain_over_control" in r:
         gains.append(("no gain over control", "fine-tuned over control", r["gain_over_control"], r["gain_over_control_se"]))
@@ -182,7 +183,7 @@ def verdict(r: dict) -> tuple[str, list[str]]:
                            "cannot be measured")
         elif gain <= 2 * se:
             reasons.append(f"{label}: {what} {gain:+.4g} <= 2 x its standard error {se:.3g}")
-    for label in ("non-finite", "collapsed", "hacked", "no gain over control", "no gain"):
+    for label in ("non-finite", "collapsed", "off-data", "no gain over control", "no gain"):
         if any(x.startswith(label + ":") for x in reasons):
             return label, reasons
     return "improved", reasons

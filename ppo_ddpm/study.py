@@ -16,7 +16,8 @@ each); a finished run (its finetuned.pth exists) is not trained again and a seed
 stages are reused (an interrupted pretraining continues from its checkpoint), so an interrupted study
 resumes and a finished one, run again, only re-evaluates. A value that is not finite (a diverged model)
 reads ``n/a`` in the table and ``null`` in results.json.
-Outputs under ``--out``: ``results.json`` (every row), ``table.md`` and ``grids/`` (base | fine-tuned
+Outputs under ``--out``: ``results.json`` (every row, merged with the rows of earlier invocations on the
+same folder), ``table.md`` and ``grids/`` (base | fine-tuned
 side-by-side PNGs).
 """
 from __future__ import annotations
@@ -38,11 +39,18 @@ from .utils.finite import finite_or_none, format_number
 from .utils.lock import RunLock
 
 # name -> overrides of the embedded default (the first is the shipped default: no overrides)
+# name -> overrides of the embedded default; the first is the shipped default itself
 VARIANTS = {
     "default": [],
-    "trajectory-sum": ["ppo.objective=trajectory", "ppo.log_prob_reduction=sum"],
-    "trajectory-mean": ["ppo.objective=trajectory", "ppo.log_prob_reduction=mean"],
+    "default, grad_mask ppo": ["ppo.grad_mask=ppo"],
+    "default, log-odds reward": ["reward.model_output=log_odds"],
+    "default, sigma_floor 0.01": ["ppo.sigma_floor=0.01"],
+    "default, lr 5e-5": ["ppo.lr=0.00005"],
+    "trajectory-mean": ["ppo.log_prob_reduction=mean"],
+    "trajectory-mean, lr 2e-4": ["ppo.log_prob_reduction=mean", "ppo.lr=0.0002"],
     "per_step (DDPO)": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null", "ppo.grad_mask=ppo"],
+    "per_step (DDPO), lr 2e-4": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null",
+                                 "ppo.grad_mask=ppo", "ppo.lr=0.0002"],
 }
 REWARDS = {
     "model": [],
@@ -191,12 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         load_config(args.cfg, args.overrides, validate=True)  # a bad config or override fails before any run
         with RunLock(out):  # one study per folder (each run locks its own folder too)
-            rows = _study(args, out)
+            rows = _merge(out / "results.json", _study(args, out))
             atomic_write_text(json.dumps(rows, indent=2, allow_nan=False), out / "results.json")
             atomic_write_text(table(rows), out / "table.md")
         print(table(rows))
 
     return run_cli("ppo_ddpm.study", argv, body, errors=(RunFailed,))
+
+
+def _merge(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of an earlier results.json (other rewards, variants or seeds of this folder), updated
+    with ``rows``, ordered by reward, variant and seed as first seen."""
+    key = lambda r: (r["reward"], r["variant"], r["seed"])  # noqa: E731
+    merged = {key(r): r for r in (json.loads(path.read_text()) if path.is_file() else [])}
+    merged.update({key(r): r for r in rows})
+    return list(merged.values())
 
 
 def _study(args: argparse.Namespace, out: Path) -> list[dict]:

@@ -109,8 +109,8 @@ def _summary(gain=1.0, se=0.1, div=(10.0, 10.0), kid=(0.04, 0.03), grain=(0.1, 0
     ({"control": (0.15, 0.1)}, "no gain over control"),
     ({"gain": 0.15}, "no gain"),
     ({"div": (10.0, 7.9)}, "collapsed"),
-    ({"kid": (0.04, 0.051)}, "hacked"),
-    ({"grain": (0.1, 0.126, 0.01)}, "hacked"),
+    ({"kid": (0.04, 0.051)}, "off-data"),
+    ({"grain": (0.1, 0.126, 0.01)}, "off-data"),
     ({"grain": (0.01, 0.2, 0.3)}, "improved"),  # grainier than the base, but not than the real data
     ({"div": (10.0, 7.0), "gain": 0.0}, "collapsed"),  # the first label wins; both reasons are listed
 ])
