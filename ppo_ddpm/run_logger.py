@@ -80,13 +80,16 @@ class RunLogger:
 
     def grid(self, iteration: int, x0: torch.Tensor) -> None:
         """Samples x0 [B, 3, H, W] in [-1, 1], 4 per row: ``samples/iter_*.png`` and the TensorBoard image
-        ``samples``, both enlarged to >= GRID_WIDTH px (the array itself is logged, not a re-read PNG)."""
+        ``samples``, both enlarged to >= GRID_WIDTH px (the array itself is logged, not a re-read PNG); and
+        their quality curves ``quality/{diversity,grain,saturation}`` (``ppo_ddpm.quality.image_stats``:
+        the same noise every time, so the curves show drift, collapse and noise textures as they happen)."""
         if not self.enabled:
             return
         from PIL import Image
 
         from .data import make_grid
         from .plots import upscale
+        from .quality import image_stats
 
         grid = upscale(make_grid(x0.float().cpu(), nrow=4), GRID_WIDTH)
         path = self.out / "samples" / f"iter_{iteration + 1:06d}.png"
@@ -94,6 +97,10 @@ class RunLogger:
         Image.fromarray(grid, "RGB").save(path)
         if self.writer is not None:
             self.writer.add_image("samples", grid, iteration, dataformats="HWC")
+            if bool(torch.isfinite(x0).all()):
+                stats = image_stats(x0)
+                for k in ("diversity", "grain", "saturation"):
+                    self.writer.add_scalar(f"quality/{k}", stats[k], iteration)
 
     def close(self) -> None:
         if self.enabled:

@@ -73,6 +73,12 @@ def test_run_logger_writes_config_hparams_histograms_and_a_readable_grid(tmp_pat
         assert sum(event.histogram_value.bucket) == 2 and event.histogram_value.max > 2.9e25
     image = ea.Images("samples")[0]
     assert image.width >= 256 and image.width == 4 * (4 * 17 + 1)  # 4 per row, 16 px + 1 px padding, x4
+    from ppo_ddpm.quality import image_stats
+
+    stats = image_stats(x0)  # the grid's quality curves, at the grid's iteration
+    for k in ("diversity", "grain", "saturation"):
+        (event,) = ea.Scalars(f"quality/{k}")
+        assert event.step == 9 and event.value == pytest.approx(stats[k], rel=1e-6)
     text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "lr: 0.001" in text and "    ppo:" in text
     from tensorboard.plugins.hparams import plugin_data_pb2
