@@ -9,6 +9,7 @@ by the largest step), diversity, KID and grain against the real data, the verdic
 
     python -m ppo_ddpm.study --out runs/study                       # the table of docs/objective.md
     python -m ppo_ddpm.study --variants default --rewards model --seeds 0   # one row
+    python -m ppo_ddpm.study --signal --seeds 0                    # gradient signal at the base model only
 
 Each seed pretrains its own base model and reward model (the embedded pipeline, once per seed, shared
 by every variant and reward of that seed). Runs are subprocesses (``--jobs`` at a time, one thread
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run (e.g. ppo.iterations=10)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--signal", action="store_true",
+                        help="instead of training: the gradient signal of each row at the base model (signal.md)")
+    parser.add_argument("--signal-batches", type=int, default=4, help="independent batches per --signal row")
     args = parser.parse_args(argv)
     for spec in args.extra_variants:
         name, sep, sets = spec.partition(":")
@@ -199,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         load_config(args.cfg, args.overrides, validate=True)  # a bad config or override fails before any run
         with RunLock(out):  # one study per folder (each run locks its own folder too)
+            if args.signal:
+                rows = _signal(args, out)
+                atomic_write_text(json.dumps(rows, indent=2, allow_nan=False), out / "signal.json")
+                atomic_write_text(signal_table(rows), out / "signal.md")
+                print(signal_table(rows))
+                return
             rows = _merge(out / "results.json", _study(args, out))
             atomic_write_text(json.dumps(rows, indent=2, allow_nan=False), out / "results.json")
             atomic_write_text(table(rows), out / "table.md")
@@ -214,6 +224,65 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     merged = {key(r): r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     merged.update({key(r): r for r in rows})
     return list(merged.values())
+
+
+def gradient_signal(cfg_file: str | None, overrides: list[str], batches: int = 4) -> dict:
+    """The policy gradient at the base model (r = 1), per batch of ``ppo.batch_size`` rollouts:
+    ``cosine`` = mean over pairs of independent batches of cos(g_a, g_b) (about SNR / (1 + SNR): 0 for
+    pure noise, 1 for a noiseless gradient), and ``step_share`` = per trained DDIM step, its share of
+    sum_t ||g_t||^2 with g_t the gradient of step t's terms alone (averaged over the batches)."""
+    import itertools
+
+    import torch
+
+    from .ddpm.model import build_model
+    from .ppo import PPOTrainer
+    from .reward import build_reward
+
+    cfg = load_config(cfg_file, overrides, validate=True)
+    trainer = PPOTrainer(cfg, build_model(cfg.model), build_reward(cfg.reward, cfg.device), cfg.device)
+    flat = lambda: torch.cat([q.grad.flatten() for q in trainer.params]).double()  # noqa: E731
+    totals, per_step = [], []
+    rows = torch.arange(cfg.ppo.batch_size)
+    for b in range(batches):
+        trainer.rollout(seed=10_000 + b)
+        steps = torch.tensor(trainer.trained_steps)[None].expand(len(rows), -1)
+        sq = []
+        for k in range(steps.shape[1]):
+            trainer.minibatch_gradient(rows, steps[:, k:k + 1])
+            sq.append(float(flat().pow(2).sum()))
+        trainer.minibatch_gradient(rows, steps)
+        totals.append(flat())
+        per_step.append(torch.tensor(sq) / sum(sq))
+    cos = [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for a, b in itertools.combinations(totals, 2)]
+    return {"cosine": sum(cos) / len(cos), "steps": trainer.trained_steps,
+            "timesteps": [int(trainer.plan.timesteps[i]) for i in trainer.trained_steps],
+            "step_share": torch.stack(per_step).mean(0).tolist()}
+
+
+def signal_table(rows: list[dict]) -> str:
+    """Markdown: one line per (reward, variant, seed): cosine, largest step share, every step's share."""
+    lines = ["| reward | variant | seed | cos(g_a, g_b) | largest step share of sum ||g_t||^2 | shares by timestep |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        shares = ", ".join(f"{t}: {v:.3f}" for t, v in zip(r["timesteps"], r["step_share"]))
+        lines.append(f"| {r['reward']} | {r['variant']} | {r['seed']} | {r['cosine']:+.3f} | {max(r['step_share']):.3f} | {shares} |")
+    return "\n".join(lines) + "\n"
+
+
+def _signal(args: argparse.Namespace, out: Path) -> list[dict]:
+    """The gradient signal of every (reward, variant, seed) at its seed's base model (no training)."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    for s in args.seeds:
+        base = prepare_base(args.cfg, s, out, args.overrides) + args.overrides
+        for r in args.rewards:
+            for v in args.variants:
+                sig = gradient_signal(args.cfg, base + VARIANTS[v] + REWARDS[r], args.signal_batches)
+                rows.append({"reward": r, "variant": v, "seed": s, **sig})
+    return rows
 
 
 def _study(args: argparse.Namespace, out: Path) -> list[dict]:

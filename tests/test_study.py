@@ -43,3 +43,37 @@ def test_unknown_values_read_n_a():
     line = table([row]).splitlines()[2]
     assert "| n/a ± n/a | +0.100 |" in line and "| non-finite |" in line
     assert _ratio(2.0, 4.0) == 0.5 and _ratio(1.0, 0.0) is None
+
+
+def test_signal_shares_and_the_floor_moves_weight_off_the_nearly_noiseless_step(tmp_path):
+    """--signal: per-step shares of sum_t ||g_t||^2 over the stochastic steps sum to 1 (the deterministic last step
+    has none); raising the scoring floor from 0.01 to 0.5 scales the sigma = 0.01 step's gradient by (0.01/0.5)^2,
+    so its share falls."""
+    from ppo_ddpm.study import VARIANTS, _signal
+
+    VARIANTS["floor 0.5"] = ["ppo.sigma_floor=0.5"]
+    try:
+        import argparse
+
+        args = argparse.Namespace(cfg=None, seeds=[0], rewards=["model"], variants=["default, sigma_floor 0.01", "floor 0.5"],
+                                  overrides=TINY + ["sampling.num_inference_steps=4"], signal_batches=2)
+        rows = _signal(args, tmp_path)
+    finally:
+        del VARIANTS["floor 0.5"]
+    low, high = rows
+    assert len(low["step_share"]) == 3 and low["timesteps"] == [750, 500, 250]  # t = 0 -> x_0 is deterministic
+    for r in rows:
+        assert sum(r["step_share"]) == pytest.approx(1.0) and -1.0 <= r["cosine"] <= 1.0
+    assert high["step_share"][-1] < low["step_share"][-1]
+
+
+def test_rows_of_a_second_invocation_are_merged(tmp_path):
+    from ppo_ddpm.study import _merge
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"reward": "model", "variant": "default", "seed": 0, "gain": 1.0},
+                                {"reward": "model", "variant": "default", "seed": 1, "gain": 2.0}]))
+    rows = _merge(path, [{"reward": "model", "variant": "default", "seed": 1, "gain": 3.0},
+                         {"reward": "jpeg_compressibility", "variant": "default", "seed": 0, "gain": 4.0}])
+    assert [(r["reward"], r["seed"], r["gain"]) for r in rows] == [("model", 0, 1.0), ("model", 1, 3.0),
+                                                                    ("jpeg_compressibility", 0, 4.0)]
