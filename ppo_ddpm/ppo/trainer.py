@@ -7,8 +7,9 @@ l_{i,b} = (log pi_theta - log pi_old) / R, R = 1 (``log_prob_reduction: sum``) o
 Two passes per iteration (peak memory independent of the number of steps):
 
 1. ``rollout(seed)`` (no grad): x_T, labels, then the step noise z_i step by step, from a generator
-   seeded by ``seed``; the DDIM loop records states and old log-probs (float64) in the RolloutCache
-   (``rollout.rollout_loop``); rewards r_b = R(x_0), checked (a batch with NaN/inf is skipped and
+   seeded by ``seed``; the DDIM loop starts from x_T as drawn and records states 1..n (the actions)
+   and old log-probs (float64) in the RolloutCache (``rollout.rollout_loop``); x_T itself stays in the
+   trainer's static buffer, unrounded, and is state 0 of every pass (``state(0)``); rewards r_b = R(x_0), checked (a batch with NaN/inf is skipped and
    counted); advantages over the global batch (all_gather when distributed), the local slice kept.
 2. ``update(cache)``: for each epoch and minibatch (``cache.minibatch_plan``) and the per-sample
    step subset (``cache.timestep_plan``: K = ceil(timestep_fraction * n_train) of the n_train trained
@@ -194,7 +195,21 @@ class PPOTrainer:
         info["time_rollout"] = time.perf_counter() - t0
         return cache, info
 
+    def state(self, i: int) -> torch.Tensor:
+        """x_i [B, C, H, W] of the current rollout: the start x_T for i = 0 (the static buffer, unrounded,
+        policy dtype), else the cache's state i (its storage dtype)."""
+        return self._noise.x_T if i == 0 else self.cache.state(i)
+
     # ------------------------------------------------------------------ pass 2
+
+    def step_inputs(self, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, action) [m, C, H, W] in the policy dtype of the samples ``rows`` [m] at their steps ``steps`` [m]:
+        state steps[j] (x_T where it is 0) and state steps[j] + 1. No host sync."""
+        states = self.cache.states  # row i - 1 holds state i
+        action = states[steps, rows].to(self.dtype)
+        before = states[(steps - 1).clamp_min(0), rows].to(self.dtype)
+        at_start = (steps == 0).view(-1, *(1,) * (before.dim() - 1))
+        return torch.where(at_start, self._noise.x_T[rows], before), action
 
     @torch.no_grad()
     def ratio_pass(self, rows: torch.Tensor) -> torch.Tensor:
@@ -205,12 +220,13 @@ class PPOTrainer:
         kw = dict(ops=self.ops, dtype=self.dtype, divisor=self.divisor, **self._kw())
         if not self.use_graphs:
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            return ratio_loop(self.policy, self.plan, self.cache, rows, self._labels(rows), self.trained_steps, out, **kw)
+            return ratio_loop(self.policy, self.plan, self.cache, self._noise.x_T, rows, self._labels(rows), self.trained_steps,
+                              out, **kw)
         key = ("ratio", m)
         if key not in self._graphs:
             rows_buf = rows.clone()
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            fn = lambda: ratio_loop(self.policy, self.plan, self.cache, rows_buf, self._labels(rows_buf),  # noqa: E731
+            fn = lambda: ratio_loop(self.policy, self.plan, self.cache, self._noise.x_T, rows_buf, self._labels(rows_buf),  # noqa: E731
                                     self.trained_steps, out, **kw)
             self._graphs[key] = (rows_buf, GraphedCall(fn))
         rows_buf, graph = self._graphs[key]
@@ -221,8 +237,7 @@ class PPOTrainer:
         """Backward of one micro-batch at one step per sample; rows, steps, weights: [m]; ``total`` = the
         minibatch size. -> (tensor stats, per-step log-ratio [m] as clipped by per_step_clip, detached)."""
         p, cache = self.pcfg, self.cache
-        x_t = cache.states[steps, rows].to(self.dtype)
-        action = cache.states[steps + 1, rows].to(self.dtype)
+        x_t, action = self.step_inputs(rows, steps)
         old = cache.log_probs[steps, rows]
         t, *coefs = self.plan.step(steps, rows.shape[0])
         labels = self._labels(rows)
