@@ -52,6 +52,7 @@ from ..rollout_cache import GroupStatTracker, RolloutCache
 from ..utils.ema import ema_update_
 from . import distributed
 from .graphs import GraphedCall
+from .precision import UNetPrecision
 from .objective import RATIO_STATS, gaussian_kl, per_step_surrogate, step_share, trajectory_step_loss, trust_region_stats
 from .rollout import RolloutNoise, check_policy_steps, compute_advantages, derive_seed, kernel_ops, ratio_loop, rollout_loop
 
@@ -82,6 +83,8 @@ class PPOTrainer:
             policy = policy.module  # gradients are averaged explicitly (distributed.all_reduce_grads)
         self.policy = policy.to(self.device).eval()
         self.dtype = next(self.policy.parameters()).dtype
+        self.precision = UNetPrecision.from_config(p, self.device)  # every UNet forward goes through it
+        self.precision.prepare(self.policy)
         self.reward_fn = reward_fn
         plan = DDIMPlan.from_config(cfg)
         self.policy_steps = check_policy_steps(plan, p.sigma_floor)
@@ -101,6 +104,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
         self.ref_policy = _frozen_copy(ref_policy if ref_policy is not None else self.policy).to(self.device) if p.kl_beta > 0 else None
         self.ema = _frozen_copy(self.policy) if p.ema_decay > 0 else None
+        self.precision.prepare(self.ref_policy)
         self.tracker = GroupStatTracker(p.group_buffer_size, p.group_min_count) if p.advantage == "group" else None
         self.cache = RolloutCache(self.n, p.batch_size, self.sample_shape, _STATE_DTYPES[p.state_dtype], self.device)
         self.cache.set_schedule(self.plan.timesteps, self.plan.sigma)
@@ -142,7 +146,7 @@ class PPOTrainer:
         t0 = time.perf_counter()
         cache = self.cache
         self._rollout_version = None
-        loop = lambda draw: rollout_loop(self.policy, self.plan, cache, self._noise, draw, self.ops,  # noqa: E731
+        loop = lambda draw: rollout_loop(self.precision.bind(self.policy), self.plan, cache, self._noise, draw, self.ops,  # noqa: E731
                                          self.policy_steps, **self._kw())
         if noise is not None:
             if noise.z is None or noise.z.shape[0] != self.n:
@@ -220,14 +224,14 @@ class PPOTrainer:
         kw = dict(ops=self.ops, dtype=self.dtype, divisor=self.divisor, **self._kw())
         if not self.use_graphs:
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            return ratio_loop(self.policy, self.plan, self.cache, self._noise.x_T, rows, self._labels(rows), self.trained_steps,
-                              out, **kw)
+            return ratio_loop(self.precision.bind(self.policy), self.plan, self.cache, self._noise.x_T, rows, self._labels(rows),
+                              self.trained_steps, out, **kw)
         key = ("ratio", m)
         if key not in self._graphs:
             rows_buf = rows.clone()
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            fn = lambda: ratio_loop(self.policy, self.plan, self.cache, self._noise.x_T, rows_buf, self._labels(rows_buf),  # noqa: E731
-                                    self.trained_steps, out, **kw)
+            fn = lambda: ratio_loop(self.precision.bind(self.policy), self.plan, self.cache, self._noise.x_T, rows_buf,  # noqa: E731
+                                    self._labels(rows_buf), self.trained_steps, out, **kw)
             self._graphs[key] = (rows_buf, GraphedCall(fn))
         rows_buf, graph = self._graphs[key]
         rows_buf.copy_(rows)
@@ -241,7 +245,7 @@ class PPOTrainer:
         old = cache.log_probs[steps, rows]
         t, *coefs = self.plan.step(steps, rows.shape[0])
         labels = self._labels(rows)
-        eps = self.policy(x_t, t, labels)
+        eps = self.precision.forward(self.policy, x_t, t, labels)
         _, mu, _ = self.ops.ddim_step(x_t, eps, *coefs, x_prev=action, **self._kw())
         log_r = self.ops.log_ratio(action, mu, old, coefs[2], sigma_floor=p.sigma_floor, per_step_clip=p.per_step_clip,
                                    reduction=p.log_prob_reduction)
@@ -257,11 +261,13 @@ class PPOTrainer:
             out.update({k: v / total * step_weight for k, v in counts.items()})
         if self.ref_policy is not None:
             with torch.no_grad():
-                _, mu_ref, _ = self.ops.ddim_step(x_t, self.ref_policy(x_t, t, labels), *coefs, x_prev=action, **self._kw())
+                eps_ref = self.precision.forward(self.ref_policy, x_t, t, labels)
+                _, mu_ref, _ = self.ops.ddim_step(x_t, eps_ref, *coefs, x_prev=action, **self._kw())
             kl = gaussian_kl(mu, mu_ref, coefs[2].clamp_min(p.sigma_floor)).sum() / (self.divisor * total) * step_weight
             loss = loss + p.kl_beta * kl
             out["kl"] = kl.detach()
-        loss.backward()
+        with self.precision.backend():
+            loss.backward()
         return out, log_r.detach()
 
     def minibatch_gradient(self, rows: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -388,7 +394,8 @@ class PPOTrainer:
         if self.num_classes > 0 and class_labels is None:
             class_labels = torch.randint(0, self.num_classes, (x.shape[0],), generator=gen, device=self.device)
         draw = lambda i: torch.randn(x.shape, generator=gen, device=self.device, dtype=self.dtype)  # noqa: E731
-        return ddim_loop(policy, self.plan, x, class_labels, noise=draw, step_fn=self.ops.ddim_step, **self._kw())
+        return ddim_loop(self.precision.bind(policy), self.plan, x, class_labels, noise=draw, step_fn=self.ops.ddim_step,
+                         **self._kw())
 
     def state_dict(self) -> dict:
         """Policy, optimizer, EMA, reference, group tracker, counters (tensors/dicts/primitives only)."""
