@@ -116,6 +116,7 @@ class PPOTrainer:
         self._gen = torch.Generator(device=self.device)
         self.use_graphs = p.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}
+        self._grads: Optional[list[torch.Tensor]] = None  # CUDA graphs: the static .grad tensors (graphs.py)
         # Parameter version: bumped by every optimizer step / load. While the cache's rollout version
         # equals it, the cache was sampled by the current params, so its log-ratios are exactly 0.
         self._version = 0
@@ -270,12 +271,42 @@ class PPOTrainer:
             loss.backward()
         return out, log_r.detach()
 
+    def _chunk(self, rows, steps, weights, total: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``_step_chunk`` eagerly, or with CUDA graphs by replaying the graph captured for this micro-batch
+        size (the full size and, when microbatch does not divide the minibatch, the last one's: shapes are
+        fixed by the config, so at most two graphs) on static copies of rows, steps and weights. The
+        outputs are the graph's static tensors: read them before the next call."""
+        if not self.use_graphs:
+            return self._step_chunk(rows, steps, weights, total)
+        key = ("grad", rows.shape[0], total)
+        if key not in self._graphs:
+            inputs = (rows.clone(), steps.clone(), weights.clone())
+            fn = lambda: self._step_chunk(*inputs, total)  # noqa: E731
+            self._graphs[key] = (inputs, GraphedCall(fn, grads=self._grads))
+        inputs, graph = self._graphs[key]
+        for buf, value in zip(inputs, (rows, steps, weights)):
+            buf.copy_(value)
+        return graph()
+
+    def _zero_grads(self) -> None:
+        """Start a minibatch's gradient at 0: eagerly by dropping the .grad tensors (the first backward
+        allocates them); with CUDA graphs by zeroing, in place, the static .grad tensors the captured
+        backward accumulates into, and giving them back to the parameters."""
+        if not self.use_graphs:
+            for q in self.params:
+                q.grad = None
+            return
+        if self._grads is None:
+            self._grads = [torch.zeros_like(q) for q in self.params]
+        for q, g in zip(self.params, self._grads):
+            g.zero_()
+            q.grad = g
+
     def minibatch_gradient(self, rows: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
         """Accumulate d L / d theta of the minibatch ``rows`` [m] into ``.grad`` (zeroed first), using
         the per-sample trained steps ``steps`` [m, K]. Returns tensor stats (no host sync)."""
         p = self.pcfg
-        for q in self.params:
-            q.grad = None
+        self._zero_grads()
         m, K = rows.shape[0], steps.shape[1]
         stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         weights = torch.zeros(m, device=self.device)
@@ -293,7 +324,7 @@ class PPOTrainer:
         for k in range(K):
             for c in range(0, m, p.microbatch):
                 sl = slice(c, c + p.microbatch)
-                chunk_stats, per_step_l[k, sl] = self._step_chunk(rows[sl], steps[sl, k], weights[sl], m)
+                chunk_stats, per_step_l[k, sl] = self._chunk(rows[sl], steps[sl, k], weights[sl], m)
                 for name, v in chunk_stats.items():
                     stats[name] = stats[name] + v
         if p.objective == "per_step":
