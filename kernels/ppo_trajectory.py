@@ -117,6 +117,9 @@ if HAS_TRITON:
         """Per-sample outputs for BLOCK_B samples; part[pid] = fp64 sums over them of (-surrogate,
         outside, global-clipped) / B and step-clipped count / (T B). l is read in its dtype, summed in fp64."""
         pid = tl.program_id(0)
+        nb = B * 1.0  # not B.to(): Triton specialises B == 1 to a constexpr
+        inv_b = 1.0 / nb  # fp64 reciprocals up front: a division later, with many values live, spills on sm_90
+        inv_bt = 1.0 / (nb * T)
         cols = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         valid = cols < B
         total = tl.zeros([BLOCK_B], dtype=tl.float64)
@@ -140,16 +143,15 @@ if HAS_TRITON:
             keep = (~g_clipped) & ~(((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo)))
         r64 = ratio.to(tl.float64)
         surr = tl.minimum(r64 * adv, tl.minimum(tl.maximum(ratio, lo), hi).to(tl.float64) * adv)
-        weights = tl.where(keep, -adv * r64 / B, 0.0)
+        weights = tl.where(keep, -adv * r64 * inv_b, 0.0)
         tl.store(logr_ptr + cols, logr, mask=valid)
         tl.store(mask_ptr + cols, keep.to(tl.uint8), mask=valid)
         tl.store(w_ptr + cols, weights.to(tl.float32), mask=valid)
         zero = tl.zeros([BLOCK_B], dtype=tl.float64)
-        nb = B * 1.0  # not B.to(): Triton specialises B == 1 to a constexpr
-        tl.store(part_ptr + pid * 4 + 0, tl.sum(tl.where(valid, -surr, zero), axis=0) / nb)
-        tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.where(valid & outside, 1.0, zero), axis=0) / nb)
-        tl.store(part_ptr + pid * 4 + 2, tl.sum(tl.where(valid, nclip.to(tl.float64), zero), axis=0) / (nb * T))
-        tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(valid & g_clipped, 1.0, zero), axis=0) / nb)
+        tl.store(part_ptr + pid * 4 + 0, tl.sum(tl.where(valid, -surr, zero), axis=0) * inv_b)
+        tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.where(valid & outside, 1.0, zero), axis=0) * inv_b)
+        tl.store(part_ptr + pid * 4 + 2, tl.sum(tl.where(valid, nclip.to(tl.float64), zero), axis=0) * inv_bt)
+        tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(valid & g_clipped, 1.0, zero), axis=0) * inv_b)
 
 
 def trajectory_ppo(log_ratio_steps, advantages, *, clip_range, per_step_clip=None, global_clip=None, grad_mask="strict") -> TrajectoryPPO:
