@@ -42,7 +42,8 @@ from ._dispatch import HAS_TRITON, tl, triton
 __all__ = ["TrajectoryPPO", "trajectory_ppo", "trajectory_ppo_reference", "bytes_moved"]
 
 _STATS = ("clipfrac", "step_clipfrac", "global_clipfrac")
-TILE = 1024  # elements of l per program and loop step, fp64 in registers (4096 spills on sm_80/sm_90, AOT-checked)
+TILE = 512  # elements of l per program and loop step, fp64 in registers: 0 spills on sm_80/sm_90 with triton 3.6.0 .. 3.9.0
+# for both grad masks (1024 spilled 16 bytes on sm_80 with 3.6.0 for grad_mask strict, 4096 everywhere; AOT-checked)
 NUM_WARPS = 8  # 4 spills 12-24 bytes on sm_80/sm_90 for some tiles (python -m ppo_ddpm.kernels.aot)
 
 

@@ -31,6 +31,17 @@ def trainers(**ppo):
     return graphed, eager
 
 
+def move_both(graphed, eager) -> None:
+    """The same random step (in place) of both trainers' parameters, declared to both."""
+    with torch.no_grad():
+        for pg, pe in zip(graphed.policy.parameters(), eager.policy.parameters()):
+            d = 0.01 * torch.randn_like(pg)
+            pg.add_(d)
+            pe.add_(d)
+    graphed.params_changed()
+    eager.params_changed()
+
+
 def test_graphed_rollout_matches_eager_for_the_same_noise():
     graphed, eager = trainers()
     for seed in (1, 2, 1):  # the first call captures, later calls replay with new noise
@@ -62,13 +73,7 @@ def test_graphed_ratio_pass_matches_eager_and_sees_parameter_updates():
     ce, _ = eager.rollout(3)
     B = graphed.pcfg.batch_size
     for round_ in range(2):  # the second round replays the captured graph after in-place param changes
-        with torch.no_grad():
-            for pg, pe in zip(graphed.policy.parameters(), eager.policy.parameters()):
-                d = 0.01 * torch.randn_like(pg)
-                pg.add_(d)
-                pe.add_(d)
-        graphed.params_changed()
-        eager.params_changed()
+        move_both(graphed, eager)
         rows = torch.randperm(B, device="cuda")
         rg, re = graphed.ratio_pass(rows), eager.ratio_pass(rows)
         assert rg.abs().max() > 1e-4
@@ -103,13 +108,7 @@ def test_graphed_gradient_matches_eager_for_the_same_inputs(objective, precision
     graphed, eager = trainers(objective=objective, **PRECISIONS[precision])
     assert graphed.precision == eager.precision
     cache = same_rollout(graphed, eager)
-    with torch.no_grad():
-        for pg, pe in zip(graphed.policy.parameters(), eager.policy.parameters()):
-            d = 0.01 * torch.randn_like(pg)
-            pg.add_(d)
-            pe.add_(d)
-    graphed.params_changed()
-    eager.params_changed()
+    move_both(graphed, eager)
     B = graphed.pcfg.batch_size
     for seed in (1, 2):
         rows = torch.randperm(B, device="cuda")

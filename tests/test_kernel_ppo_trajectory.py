@@ -63,7 +63,7 @@ def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv, per_step_clip=N
 
 @pytest.mark.parametrize("grad_mask", ["strict", "ppo"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "step_clip", "global_clip", "both"])
-@pytest.mark.parametrize("T,B", [(5, 3), (50, 300), (1, 1)])  # (50, 300): 2 programs x 4 tiles of T
+@pytest.mark.parametrize("T,B", [(5, 3), (50, 300), (1, 1)])  # (50, 300): 2 programs x 25 tiles of T
 def test_matches_float64(T, B, settings, grad_mask, gen):
     l, adv = inputs(T, B, gen)
     s = dict(settings, grad_mask=grad_mask)

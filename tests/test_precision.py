@@ -87,7 +87,8 @@ def cotangent_error(trainer, bf16: UNetPrecision, fp32: UNetPrecision) -> float:
         for i in trainer.trained_steps:
             x, a = trainer.state(i).float(), trainer.state(i + 1).float()
             t, *coefs = plan.step(i, x.shape[0])
-            mu = {p: ddim_step_reference(x, p.forward(trainer.policy, x, t, None), *coefs, x_prev=a, **kw)[1] for p in (bf16, fp32)}
+            mu = {run: ddim_step_reference(x, run.forward(trainer.policy, x, t, None), *coefs, x_prev=a, **kw)[1]
+                  for run in (bf16, fp32)}
             rho = max(rho, float((mu[bf16] - mu[fp32]).norm() / (a - mu[fp32]).norm()))
     return rho
 

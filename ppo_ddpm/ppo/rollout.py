@@ -3,9 +3,9 @@ The loops are plain functions of static buffers, so the same code runs eagerly (
 CUDA graph (``graphs.py``): identical maths on both paths.
 
 One episode is the DDIM reverse process x_T -> x_0 with the plan's n steps (step i = i-th network
-call, from timestep t_i), run by ``ddpm.sample.ddim_loop``. State x_0 of the loop is the start x_T,
-unrounded in the policy dtype (the trainer's static buffer ``RolloutNoise.x_T``: it is not stored in
-the cache, and every pass reads it from there, exactly); x_i for i >= 1 is ``cache.state(i)``:
+call, from timestep t_i), run by ``ddpm.sample.ddim_loop``. State i, x_i, is x before call i: state 0
+is the start x_T, unrounded in the policy dtype (the trainer's static buffer ``RolloutNoise.x_T``: it is
+not stored in the cache, and every pass reads it from there, exactly); state i >= 1 is ``cache.state(i)``:
 
     eps_i    = policy(x_i, t_i, y)
     x_{i+1}  = mu_i + sigma_i z_i,       mu_i = DDIM mean (``ddpm.ddim``), z_i ~ N(0, I)
@@ -131,12 +131,13 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
               clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type, store=cache.state, visit=record)
 
 
-def ratio_loop(policy, plan: DDIMPlan, cache, x_T: torch.Tensor, rows: torch.Tensor, labels, steps: list[int], out: torch.Tensor,
-               ops, *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int, prediction_type: str = "epsilon") -> torch.Tensor:
+def ratio_loop(policy, plan: DDIMPlan, cache, x_T: torch.Tensor, rows: torch.Tensor, labels, steps: list[int],
+               out: torch.Tensor, ops, *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int,
+               prediction_type: str = "epsilon") -> torch.Tensor:
     """No-grad ratio pass: out[j, b] = (logp_theta(x_{i+1} | x_i) - logp_old[i]) / divisor at the step
     i = steps[j], for the samples ``rows`` [m] (raw per-step log r, unclipped; divisor 1 for the sum
-    reduction, D for the mean); x_0 = ``x_T`` [B, ...], the rollout's start. ``out``: [len(steps), m]
-    float64. Capturable."""
+    reduction, D for the mean); state 0 is ``x_T`` [B, ...], the rollout's start. ``out``:
+    [len(steps), m] float64. Capturable."""
     m = rows.shape[0]
     for j, i in enumerate(steps):
         x = (x_T if i == 0 else cache.state(i)).index_select(0, rows).to(dtype)

@@ -9,8 +9,9 @@ Two passes per iteration (peak memory independent of the number of steps):
 1. ``rollout(seed)`` (no grad): x_T, labels, then the step noise z_i step by step, from a generator
    seeded by ``seed``; the DDIM loop starts from x_T as drawn and records states 1..n (the actions)
    and old log-probs (float64) in the RolloutCache (``rollout.rollout_loop``); x_T itself stays in the
-   trainer's static buffer, unrounded, and is state 0 of every pass (``state(0)``); rewards r_b = R(x_0), checked (a batch with NaN/inf is skipped and
-   counted); advantages over the global batch (all_gather when distributed), the local slice kept.
+   trainer's static buffer, unrounded, and is state 0 of every pass (``state(0)``); rewards
+   r_b = R(x_0), checked (a batch with NaN/inf is skipped and counted); advantages over the global
+   batch (all_gather when distributed), the local slice kept.
 2. ``update(cache)``: for each epoch and minibatch (``cache.minibatch_plan``) and the per-sample
    step subset (``cache.timestep_plan``: K = ceil(timestep_fraction * n_train) of the n_train trained
    steps, the last ``train_last_k`` stochastic steps or all of them):
@@ -30,6 +31,9 @@ Two passes per iteration (peak memory independent of the number of steps):
    counted), clipped to grad_clip, one AdamW step, EMA update.
 
 The policy is put in eval mode (no dropout: log-probs must be reproducible); gradients still flow.
+Every UNet forward runs under ``ppo.precision`` / ``tf32`` / ``channels_last`` (``precision.py``). With
+``ppo.cuda_graphs`` on CUDA the rollout, the ratio pass and each micro-batch's with-grad step replay
+CUDA graphs (``graphs.py``) of the same code.
 """
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ from ..rollout_cache import GroupStatTracker, RolloutCache
 from ..utils.ema import ema_update_
 from . import distributed
 from .graphs import GraphedCall
-from .precision import UNetPrecision
 from .objective import RATIO_STATS, gaussian_kl, per_step_surrogate, step_share, trajectory_step_loss, trust_region_stats
+from .precision import UNetPrecision
 from .rollout import RolloutNoise, check_policy_steps, compute_advantages, derive_seed, kernel_ops, ratio_loop, rollout_loop
 
 log = logging.getLogger(__name__)
@@ -147,8 +151,9 @@ class PPOTrainer:
         t0 = time.perf_counter()
         cache = self.cache
         self._rollout_version = None
-        loop = lambda draw: rollout_loop(self.precision.bind(self.policy), self.plan, cache, self._noise, draw, self.ops,  # noqa: E731
-                                         self.policy_steps, **self._kw())
+        unet = self.precision.bind(self.policy)
+        loop = lambda draw: rollout_loop(unet, self.plan, cache, self._noise, draw, self.ops, self.policy_steps,  # noqa: E731
+                                         **self._kw())
         if noise is not None:
             if noise.z is None or noise.z.shape[0] != self.n:
                 raise ValueError(f"explicit rollout noise needs z of shape [{self.n}, B, ...] (RolloutNoise.draw)")
@@ -223,16 +228,16 @@ class PPOTrainer:
         if self._rollout_version == self._version:
             return torch.zeros(self.n_train, m, dtype=torch.float64, device=self.device)
         kw = dict(ops=self.ops, dtype=self.dtype, divisor=self.divisor, **self._kw())
+        unet = self.precision.bind(self.policy)
         if not self.use_graphs:
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            return ratio_loop(self.precision.bind(self.policy), self.plan, self.cache, self._noise.x_T, rows, self._labels(rows),
-                              self.trained_steps, out, **kw)
+            return ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows, self._labels(rows), self.trained_steps, out, **kw)
         key = ("ratio", m)
         if key not in self._graphs:
             rows_buf = rows.clone()
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            fn = lambda: ratio_loop(self.precision.bind(self.policy), self.plan, self.cache, self._noise.x_T, rows_buf,  # noqa: E731
-                                    self._labels(rows_buf), self.trained_steps, out, **kw)
+            fn = lambda: ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows_buf, self._labels(rows_buf),  # noqa: E731
+                                    self.trained_steps, out, **kw)
             self._graphs[key] = (rows_buf, GraphedCall(fn))
         rows_buf, graph = self._graphs[key]
         rows_buf.copy_(rows)
