@@ -60,13 +60,6 @@ class DDPOSamples:
             advantages=advantages.float(),
         )
 
-    @classmethod
-    def from_cache(cls, cache) -> "DDPOSamples":
-        """The same rollout as a ``RolloutCache`` (states [T+1, B, ...], log_probs [T, B]), in DDPO's layout."""
-        T = cache.log_probs.shape[0]
-        return cls.from_trajectory(list(cache.states.unbind(0)), list(cache.log_probs.unbind(0)),
-                                   cache.timesteps[:T], cache.rewards, cache.advantages)
-
     def nbytes(self) -> int:
         return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size() for f in fields(self))
 

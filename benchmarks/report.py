@@ -112,16 +112,16 @@ def kernels(kinds: dict) -> list[str]:
     return out
 
 
-def throughput(kinds: dict, kind: str) -> list[str]:
+def throughput(kinds: dict, kind: str, base_impl: str = "ddpo", base_label: str = "DDPO-style") -> list[str]:
     groups = defaultdict(dict)
     for b in kinds.get(kind, []):
         groups[b["group"]][b["extra_info"]["impl"]] = b
     rows = []
     for g in sorted(groups, key=lambda g: (len(g), g)):
         impls = groups[g]
-        base = impls.get("ddpo")
+        base = impls.get(base_impl)
         eager = impls.get("eager")
-        for name, b in sorted(impls.items(), key=lambda kv: kv[0] == "ddpo"):
+        for name, b in sorted(impls.items(), key=lambda kv: kv[0] == base_impl):
             e, st = b["extra_info"], b["stats"]
             rows.append([g, name, f"{e['params'] / 1e6:.2f}M", _s(e["first_call_s"]) if "first_call_s" in e else "—",
                          _s(st["median"]), _s(st["iqr"]), _s(st["stddev"]), st["rounds"],
@@ -130,7 +130,7 @@ def throughput(kinds: dict, kind: str) -> list[str]:
     if not rows:
         return []
     return _table(["group", "impl", "UNet params", "first call s", "median s", "IQR", "stddev", "rounds", "samples/s",
-                   "speed-up vs DDPO-style", "graph vs eager"], rows)
+                   f"speed-up vs {base_label}", "graph vs eager"], rows)
 
 
 def storage(kinds: dict) -> list[str]:
@@ -178,6 +178,7 @@ def render(data: dict) -> str:
     parts = ["### Environment", ""] + environment(data)
     for title, body in (("Kernels", kernels(kinds)), ("DDIM rollout", throughput(kinds, "rollout")),
                         ("Full PPO iteration", throughput(kinds, "ppo_iter")),
+                        ("PPO iteration by precision", throughput(kinds, "ppo_precision", "fp32", "fp32")),
                         ("Rollout storage", storage(kinds)), ("Training peak memory", train_memory(kinds))):
         if body:
             parts += [f"### {title}", ""] + body

@@ -1,8 +1,9 @@
 """Memory groups (the figures are bytes in extra_info; the timings are incidental):
 
-- ``rollout_storage:T<n>``: the RolloutCache (T+1 shared states, fp32 or bf16) vs the DDPO-style
-  storage (x_t and x_{t-1} per step, fp32) of the same CIFAR-shaped rollout (B=64, 3x32x32) on
-  both devices: computed nbytes, plus the CUDA max_memory_allocated of building it on CUDA;
+- ``rollout_storage:T<n>``: the RolloutCache (the T actions x_{T-1} .. x_0, each also the next
+  step's input, fp32 or bf16; x_T is not stored, the trainer keeps it) vs the DDPO-style storage
+  (x_t and x_{t-1} per step, fp32) of the same CIFAR-shaped rollout (B=64, 3x32x32) on both
+  devices: computed nbytes, plus the CUDA max_memory_allocated of building it on CUDA;
 - ``train_memory``: peak memory of one update, PPOTrainer vs the DDPO-style loop, for T=10 and
   T=100 (CUDA: max_memory_allocated; CPU: peak bytes held by autograd for backward, parameters
   excluded, see harness.SavedTensorPeak), measured on a second rollout + update after a warm-up
@@ -57,7 +58,7 @@ def test_rollout_storage(benchmark, steps, impl):
         def build():
             c = rollout_cache.RolloutCache(T, B, STORAGE_SHAPE, DTYPES[impl], DEVICE)
             c.set_schedule(timesteps, sigmas)
-            for i, x in enumerate(states):
+            for i, x in enumerate(states[1:], start=1):  # states 1..T: x_T is the trainer's
                 c.record_state(i, x)
             for i, lp in enumerate(log_probs):
                 c.record_logprob(i, lp)

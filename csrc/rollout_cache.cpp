@@ -56,8 +56,13 @@ void check_device(const std::string& where, const char* name, const at::Tensor& 
                     " but the cache is on ", device.str());
 }
 
-void check_index(const std::string& where, int64_t i, int64_t n, const std::string& what) {
-  TORCH_CHECK_INDEX(i >= 0 && i < n, where, ": index i=", i, " out of range [0, ", n - 1, "] (", what, ")");
+void check_index(const std::string& where, int64_t i, int64_t lo, int64_t hi, const std::string& what) {
+  TORCH_CHECK_INDEX(i >= lo && i <= hi, where, ": index i=", i, " out of range [", lo, ", ", hi, "] (", what, ")");
+}
+
+// The stored states are 1..T (state 0, x_T, is its owner's).
+std::string states_what(int64_t T) {
+  return "states 1..T for num_steps T=" + std::to_string(T) + "; state 0 (x_T) is not stored";
 }
 
 // Moves the first k entries of a[0..n) into a uniformly random order of a random k-subset
@@ -285,7 +290,7 @@ RolloutCache::RolloutCache(int64_t num_steps, int64_t batch_size, std::vector<in
   }
   TORCH_CHECK_TYPE(state_dtype == at::kFloat || state_dtype == at::kBFloat16, where,
                    ": state_dtype must be torch.float32 or torch.bfloat16, got ", dtype_name(state_dtype));
-  std::vector<int64_t> states_shape = {T_ + 1, B_};
+  std::vector<int64_t> states_shape = {T_, B_};
   states_shape.insert(states_shape.end(), sample_shape_.begin(), sample_shape_.end());
   const auto opts = at::TensorOptions().device(device);
   states_ = at::zeros(states_shape, opts.dtype(state_dtype));
@@ -299,16 +304,16 @@ RolloutCache::RolloutCache(int64_t num_steps, int64_t batch_size, std::vector<in
 
 void RolloutCache::record_state(int64_t i, const at::Tensor& x) {
   const std::string where = "RolloutCache.record_state";
-  check_index(where, i, T_ + 1, "T+1 states for num_steps T=" + std::to_string(T_));
+  check_index(where, i, 1, T_, states_what(T_));
   check_floating(where, "x", x);
   check_shape(where, "x", x, states_.sizes().slice(1), "[B, *sample_shape]");
   check_device(where, "x", x, device());
-  states_.select(0, i).copy_(x);
+  states_.select(0, i - 1).copy_(x);
 }
 
 void RolloutCache::record_logprob(int64_t i, const at::Tensor& lp) {
   const std::string where = "RolloutCache.record_logprob";
-  check_index(where, i, T_, "num_steps T=" + std::to_string(T_));
+  check_index(where, i, 0, T_ - 1, "num_steps T=" + std::to_string(T_));
   check_floating(where, "lp", lp);
   check_shape(where, "lp", lp, {B_}, "[B]");
   check_device(where, "lp", lp, device());
@@ -316,8 +321,8 @@ void RolloutCache::record_logprob(int64_t i, const at::Tensor& lp) {
 }
 
 at::Tensor RolloutCache::state(int64_t i) const {
-  check_index("RolloutCache.state", i, T_ + 1, "T+1 states for num_steps T=" + std::to_string(T_));
-  return states_.select(0, i);
+  check_index("RolloutCache.state", i, 1, T_, states_what(T_));
+  return states_.select(0, i - 1);
 }
 
 void RolloutCache::set_schedule(const at::Tensor& timesteps, const at::Tensor& sigmas) {

@@ -1,8 +1,10 @@
 // Rollout cache for PPO on DDIM trajectories (ATen only: the same source serves CPU and CUDA).
 //
 // One rollout of B trajectories with T network calls each is stored as
-//   states     [T+1, B, *sample_shape]  state_dtype (f32 | bf16); state i = x before call i,
-//                                       state i+1 = the action x_prev of call i (shared, no copies)
+//   states     [T, B, *sample_shape]    state_dtype (f32 | bf16); state i (i in [1, T], row i-1) =
+//                                       the action x_prev of call i-1 = the input of call i (shared,
+//                                       no copies). State 0, the start x_T, is not stored: its owner
+//                                       (the trainer) keeps it unrounded, so every pass reads it exactly
 //   log_probs  [T, B] f64               old log pi(x_{i+1} | x_i) (float64: PPO log-ratios are
 //                                       differences of two such totals, ~1e4 each at 3x32x32)
 //   timesteps  [T] i64, sigmas [T] f32  the DDIM schedule of the calls
@@ -87,11 +89,11 @@ class RolloutCache {
   RolloutCache(int64_t num_steps, int64_t batch_size, std::vector<int64_t> sample_shape,
                at::ScalarType state_dtype, at::Device device);
 
-  // states[i] <- x (cast to state_dtype); i in [0, T], x [B, *sample_shape] on the cache's device.
+  // state i <- x (cast to state_dtype); i in [1, T], x [B, *sample_shape] on the cache's device.
   void record_state(int64_t i, const at::Tensor& x);
   // log_probs[i] <- lp (cast to f64); i in [0, T-1], lp [B] on the cache's device.
   void record_logprob(int64_t i, const at::Tensor& lp);
-  // View of states[i], i in [0, T].
+  // View of state i = states[i - 1], i in [1, T].
   at::Tensor state(int64_t i) const;
 
   // Setters copy (casting) from any device.

@@ -6,8 +6,11 @@ Discovery. The public ops run on ``meta`` tensors (shapes and dtypes, no data) i
 ``sweep``: ddim_step sampling (noise given or drawn) and scoring, with and without clip_x0, forward
 and every backward (gradient through x_prev, mean, log_prob and their combinations);
 gaussian_log_ratio and gaussian_log_ratio_from_logprob forward/backward on what ddim_step returned;
-trajectory_ppo on the log-ratios they return; fp32/bf16/fp16 states and model outputs; the image
-sizes of both configs and 3x256x256; B = 1 .. max_batch (T up to 1000 for trajectory_ppo).
+fp32/bf16/fp16 states and model outputs; the image sizes of both configs and 3x256x256; B = 1 ..
+max_batch. Then, one loop each: those ddim_step / log-ratio cases for the other prediction types
+(sample, v_prediction; fp32 and bf16 end to end, the dtypes a policy feeds them); sampling into
+``out=`` buffers of fp32 and bf16 (the rollout writing into the cache) from fp32 and bf16 states;
+trajectory_ppo on the log-ratios they return for both grad masks (strict, ppo), T up to 1000.
 ``_dispatch.split`` sees an ``sms``-SM GPU, and ``JITFunction.run`` records each launch (kernel,
 arguments with tensors replaced by their dtypes, constexprs, num_warps, grid) instead of running
 it. Kernels that gain arguments, constexprs or launches are followed without edits here.
@@ -38,14 +41,20 @@ from unittest import mock
 import torch
 
 from . import _dispatch
+from ppo_ddpm.ddpm.ddim import PREDICTION_TYPES
+
 from .ddim_step import ddim_step
 from .gaussian_log_ratio import gaussian_log_ratio, gaussian_log_ratio_from_logprob
-from .ppo_trajectory import trajectory_ppo
+from .ppo_trajectory import GRAD_MASKS, trajectory_ppo
 
 SHAPES = ((3, 16, 16), (3, 32, 32), (3, 256, 256))  # configs/smoke.yaml, configs/default.yaml, a 256^2 model
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_PAIRS = tuple((d, d) for d in DTYPES) + ((torch.float32, torch.bfloat16), (torch.float32, torch.float16))
-"""(state dtype, model-output dtype): a policy in one dtype, or an fp32 state with an autocast UNet."""
+"""(state dtype, model-output dtype): a policy in one dtype, or an fp32 state with a lower-precision output."""
+PREDICTION_DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16))
+"""What a policy feeds ddim_step (the trainer casts an autocast UNet's output to fp32): the other pairs differ
+from these only in load widths, compiled for epsilon prediction."""
+OUT_DTYPES = (torch.float32, torch.bfloat16)  # ``out=`` buffers: the rollout cache's state dtypes
 STEPS = (1, 10, 50, 100, 1000)  # T of trajectory_ppo
 H100_SMS = 132  # H100 / H200 SXM
 ARCHS = (90, 80)
@@ -124,16 +133,17 @@ def _grad(outputs, inputs):
     return torch.autograd.grad(outputs, inputs, [torch.empty_like(o) for o in outputs], retain_graph=True)
 
 
-def _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip, sigma_floor=0.01) -> int:
+def _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip, sigma_floor=0.01, prediction_type="epsilon") -> int:
     """Every ddim_step / log-ratio call of one state: forward and each backward. Returns the op calls."""
     calls = 0
+    step = dict(clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type)
     for noise in (torch.empty_like(x_t), None):  # given in the state dtype, or drawn (float32)
-        x_prev, mean, _ = ddim_step(x_t, eps, *coefs, noise=noise, clip_x0=clip_x0, sigma_floor=sigma_floor)
+        x_prev, mean, _ = ddim_step(x_t, eps, *coefs, noise=noise, **step)
         for outs in ((x_prev,), (mean,), (x_prev, mean)):
             _grad(outs, eps)
         calls += 4
     action = x_prev.detach()
-    _, mu, log_prob = ddim_step(x_t, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor)
+    _, mu, log_prob = ddim_step(x_t, eps, *coefs, x_prev=action, **step)
     for outs in ((mu,), (log_prob,), (mu, log_prob)):
         _grad(outs, eps)
     kw = dict(sigma_floor=sigma_floor, per_step_clip=per_step_clip)
@@ -143,27 +153,48 @@ def _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip, sigma_floor=0.01) -> in
     return calls + 6
 
 
+def _states(shapes, max_batch: int, dtype_pairs):
+    """(x_t, eps with grad, [abar_t, abar_prev, sigma]) on meta tensors for every shape, B and dtype pair."""
+    for shape in shapes:
+        for B in range(1, max_batch + 1):
+            coefs = [torch.empty(B, device="meta") for _ in range(3)]
+            for state_dtype, model_dtype in dtype_pairs:
+                yield (torch.empty(B, *shape, dtype=state_dtype, device="meta"),
+                       torch.empty(B, *shape, dtype=model_dtype, device="meta", requires_grad=True), coefs)
+
+
+CLIPS = ((None, None), (1.0, 1.0))  # (clip_x0, per_step_clip): off, on
+
+
 def sweep(max_batch: int, shapes=SHAPES, dtype_pairs=DTYPE_PAIRS, steps=STEPS) -> tuple[int, torch.dtype]:
     """Call every public op in every case of the module docstring on meta tensors (run it inside
     ``record_launches``). Returns (op calls, dtype of the per-step log-ratios trajectory_ppo got)."""
-    calls, log_r_dtype = 0, torch.float32
-    for shape in shapes:
-        for B in range(1, max_batch + 1):
-            coefs = [torch.empty(B, device="meta") for _ in range(3)]  # abar_t, abar_prev, sigma
-            for state_dtype, model_dtype in dtype_pairs:
-                x_t = torch.empty(B, *shape, dtype=state_dtype, device="meta")
-                eps = torch.empty(B, *shape, dtype=model_dtype, device="meta", requires_grad=True)
-                for clip_x0, per_step_clip in ((None, None), (1.0, 1.0)):
-                    calls += _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip)
+    calls = 0
+    for x_t, eps, coefs in _states(shapes, max_batch, dtype_pairs):  # epsilon prediction, every dtype pair
+        for clip_x0, per_step_clip in CLIPS:
+            calls += _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip)
+    for x_t, eps, coefs in _states(shapes, max_batch, PREDICTION_DTYPE_PAIRS):  # the other prediction types
+        for prediction_type in PREDICTION_TYPES[1:]:
+            for clip_x0, per_step_clip in CLIPS:
+                calls += _ddim_cases(x_t, eps, coefs, clip_x0, per_step_clip, prediction_type=prediction_type)
+    with torch.no_grad():  # sampling into out= buffers (the rollout cache's next state), any state dtype
+        for x_t, eps, coefs in _states(shapes, max_batch, PREDICTION_DTYPE_PAIRS):
+            for out_dtype in OUT_DTYPES:
+                out = torch.empty(x_t.shape, dtype=out_dtype, device="meta")
+                for noise in (torch.empty_like(x_t), None):
+                    ddim_step(x_t, eps, *coefs, noise=noise, out=out, clip_x0=1.0, sigma_floor=0.01)
+                    calls += 1
     mu = torch.empty(1, *shapes[0], device="meta")
     log_r_dtype = gaussian_log_ratio_from_logprob(mu, mu, ddim_step(mu, mu, 0.5, 0.6, 0.1, x_prev=mu)[2], 0.1).dtype
-    for T in steps:
+    for T in steps:  # trajectory_ppo, both grad masks
         for B in range(1, max_batch + 1):
             log_r = torch.empty(T, B, dtype=log_r_dtype, device="meta")
             adv = torch.empty(B, device="meta")
-            for per_step_clip, global_clip in ((None, None), (1.0, 5.0)):
-                trajectory_ppo(log_r, adv, clip_range=0.2, per_step_clip=per_step_clip, global_clip=global_clip)
-                calls += 1
+            for grad_mask in GRAD_MASKS:
+                for per_step_clip, global_clip in ((None, None), (1.0, 5.0)):
+                    trajectory_ppo(log_r, adv, clip_range=0.2, per_step_clip=per_step_clip, global_clip=global_clip,
+                                   grad_mask=grad_mask)
+                    calls += 1
     return calls, log_r_dtype
 
 

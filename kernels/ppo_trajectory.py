@@ -26,6 +26,8 @@ Stats (0-d tensors): clipfrac = mean_b [r_b outside [1-e, 1+e]], step_clipfrac =
 Kernel: one program per BLOCK_B samples reads its [T, BLOCK_B] columns once in [BLOCK_T, BLOCK_B]
 tiles, accumulates in fp64 (T*B values only), and writes the per-sample outputs plus its partial
 stats; torch adds the per-program partials. Bytes moved: T*B*itemsize + B*4 read, 9*B written.
+The kernel divides nothing: 1/B comes in as an fp64 scalar tensor (an fp64 division's slow path is a
+call, which spilled 4-24 bytes on sm_90 for some tiles), and torch divides the step-clip count by T.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from ._dispatch import HAS_TRITON, tl, triton
 __all__ = ["TrajectoryPPO", "trajectory_ppo", "trajectory_ppo_reference", "bytes_moved"]
 
 _STATS = ("clipfrac", "step_clipfrac", "global_clipfrac")
-TILE = 1024  # elements of l per program and loop step, fp64 in registers (4096 spills on sm_80/sm_90, AOT-checked)
+TILE = 512  # elements of l per program and loop step, fp64 in registers: 0 spills on sm_80/sm_90 with triton 3.6.0 .. 3.9.0
+# for both grad masks (1024 spilled 16 bytes on sm_80 with 3.6.0 for grad_mask strict, 4096 everywhere; AOT-checked)
 NUM_WARPS = 8  # 4 spills 12-24 bytes on sm_80/sm_90 for some tiles (python -m ppo_ddpm.kernels.aot)
 
 
@@ -110,13 +113,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _trajectory_kernel(
-        lr_ptr, adv_ptr, logr_ptr, mask_ptr, w_ptr, part_ptr,
+        lr_ptr, adv_ptr, logr_ptr, mask_ptr, w_ptr, part_ptr, inv_b_ptr,
         T, B, lo, hi, step_clip, global_clip,
         BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, STRICT: tl.constexpr,
     ):
         """Per-sample outputs for BLOCK_B samples; part[pid] = fp64 sums over them of (-surrogate,
-        outside, global-clipped) / B and step-clipped count / (T B). l is read in its dtype, summed in fp64."""
+        outside, step-clipped count, global-clipped) / B. l is read in its dtype, summed in fp64."""
         pid = tl.program_id(0)
+        inv_b = tl.load(inv_b_ptr)  # fp64 1/B
         cols = pid * BLOCK_B + tl.arange(0, BLOCK_B)
         valid = cols < B
         total = tl.zeros([BLOCK_B], dtype=tl.float64)
@@ -140,16 +144,15 @@ if HAS_TRITON:
             keep = (~g_clipped) & ~(((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo)))
         r64 = ratio.to(tl.float64)
         surr = tl.minimum(r64 * adv, tl.minimum(tl.maximum(ratio, lo), hi).to(tl.float64) * adv)
-        weights = tl.where(keep, -adv * r64 / B, 0.0)
+        weights = tl.where(keep, -adv * r64 * inv_b, 0.0)
         tl.store(logr_ptr + cols, logr, mask=valid)
         tl.store(mask_ptr + cols, keep.to(tl.uint8), mask=valid)
         tl.store(w_ptr + cols, weights.to(tl.float32), mask=valid)
         zero = tl.zeros([BLOCK_B], dtype=tl.float64)
-        nb = B * 1.0  # not B.to(): Triton specialises B == 1 to a constexpr
-        tl.store(part_ptr + pid * 4 + 0, tl.sum(tl.where(valid, -surr, zero), axis=0) / nb)
-        tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.where(valid & outside, 1.0, zero), axis=0) / nb)
-        tl.store(part_ptr + pid * 4 + 2, tl.sum(tl.where(valid, nclip.to(tl.float64), zero), axis=0) / (nb * T))
-        tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(valid & g_clipped, 1.0, zero), axis=0) / nb)
+        tl.store(part_ptr + pid * 4 + 0, tl.sum(tl.where(valid, -surr, zero), axis=0) * inv_b)
+        tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.where(valid & outside, 1.0, zero), axis=0) * inv_b)
+        tl.store(part_ptr + pid * 4 + 2, tl.sum(tl.where(valid, nclip.to(tl.float64), zero), axis=0) * inv_b)
+        tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(valid & g_clipped, 1.0, zero), axis=0) * inv_b)
 
 
 def trajectory_ppo(log_ratio_steps, advantages, *, clip_range, per_step_clip=None, global_clip=None, grad_mask="strict") -> TrajectoryPPO:
@@ -169,11 +172,12 @@ def trajectory_ppo(log_ratio_steps, advantages, *, clip_range, per_step_clip=Non
     logr, weights = (new((B,), torch.float32, dev) for _ in range(2))
     mask = new((B,), torch.uint8, dev)
     part = new((grid, 4), torch.float64, dev)
+    inv_b = torch.full((1,), 1.0 / B, dtype=torch.float64, device=dev)  # correctly rounded, as an fp64 division
     _trajectory_kernel[(grid,)](
-        lr, adv, logr, mask, weights, part, T, B, 1 - clip_range, 1 + clip_range,
+        lr, adv, logr, mask, weights, part, inv_b, T, B, 1 - clip_range, 1 + clip_range,
         math.inf if per_step_clip is None else float(per_step_clip), math.inf if global_clip is None else float(global_clip),
         BLOCK_T=block_t, BLOCK_B=block_b, STRICT=grad_mask == "strict", num_warps=NUM_WARPS,
     )
-    sums = part.sum(0).float()
-    stats = dict(zip(_STATS, sums[1:].unbind()))
-    return TrajectoryPPO(sums[0], logr, mask.view(torch.bool), weights, stats)
+    sums = part.sum(0)
+    stats = dict(zip(_STATS, (sums[1], sums[2] / T, sums[3])))
+    return TrajectoryPPO(sums[0].float(), logr, mask.view(torch.bool), weights, {k: v.float() for k, v in stats.items()})

@@ -145,6 +145,19 @@ def device_problem(name: str) -> Optional[str]:
     return None
 
 
+def _bf16_problem(precision: str, device: str) -> Optional[str]:
+    """bf16 autocast on a CUDA device needs bfloat16 support (compute capability >= 8.0); CPU autocast has it."""
+    if precision != "bf16":
+        return None
+    import torch
+
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if torch.device(name).type != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    return (f"ppo.precision bf16 needs a GPU with bfloat16 support (compute capability >= 8.0); "
+            f"{torch.cuda.get_device_name(torch.device(name))} has none: use ppo.precision fp32")
+
+
 def _output_dir_problem(path: str) -> Optional[str]:
     if path.strip() == "":
         return "must name a folder (an empty output_dir would write into the current folder)"
@@ -440,7 +453,10 @@ class PPOConfig:
     timestep_fraction: float = rule(1.0, gt=0, le=1)
     train_last_k: int = rule(0, ge=0)  # 0: all steps
     state_dtype: Literal["float32", "bfloat16"] = "float32"
-    cuda_graphs: bool = True
+    precision: Literal["fp32", "bf16"] = "fp32"  # the UNet's forward/backward (bf16: autocast); log-probs stay fp32/fp64
+    tf32: bool = True  # CUDA, precision fp32: TF32 tensor cores for the UNet's convs/matmuls (false: exact fp32)
+    channels_last: bool = False  # CUDA: the UNet's weights and inputs in NHWC format (no effect on CPU)
+    cuda_graphs: bool = True  # CUDA: rollout, ratio pass and with-grad micro-batch step captured in graphs
     use_kernels: bool = True
 
     RULES: ClassVar[tuple] = (
@@ -499,6 +515,7 @@ class Config:
               show=("reward.kind", "reward.model_path", "model.sample_size", "model.in_channels", "data.root")),
         Check(("reward", "model.sample_size", "model.in_channels", "model.num_classes", "data.root"), _terms_problem,
               show=("reward.terms", "reward.model_path")),
+        Check(("ppo.precision", "device"), _bf16_problem),
         Check(("ppo", "sampling", "schedule"), _policy_steps_problem,
               show=("ppo.sigma_floor", "ppo.sample_at_floor", "ppo.train_last_k", "sampling.num_inference_steps",
                     "sampling.eta", "sampling.set_alpha_to_one", "sampling.steps_offset")),

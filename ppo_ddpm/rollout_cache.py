@@ -7,8 +7,10 @@ tests compare the C++ against.
 
 One rollout of B trajectories with T network calls is stored as
 
-    states     [T+1, B, *sample_shape]  state_dtype (f32 | bf16); state i = x before call i and
-                                        state i+1 = the action x_prev of call i (shared, no copies)
+    states     [T, B, *sample_shape]    state_dtype (f32 | bf16); state i (i in [1, T], row i-1) =
+                                        the action x_prev of call i-1 = the input of call i (shared,
+                                        no copies). State 0, the start x_T, is not stored: its owner
+                                        (the trainer) keeps it unrounded, so every pass reads it exactly
     log_probs  [T, B] f64               old log pi(x_{i+1} | x_i) (float64: a PPO log-ratio is the
                                         difference of two such totals, ~1e4 each at 3x32x32)
     timesteps  [T] i64, sigmas [T] f32  the DDIM schedule of the calls
@@ -94,9 +96,13 @@ def _check_device(where: str, name: str, t: torch.Tensor, device: torch.device) 
         raise ValueError(f"{where}: {name} is on {t.device} but the cache is on {device}")
 
 
-def _check_index(where: str, i: int, n: int, what: str) -> None:
-    if not 0 <= i < n:
-        raise IndexError(f"{where}: index i={i} out of range [0, {n - 1}] ({what})")
+def _check_index(where: str, i: int, lo: int, hi: int, what: str) -> None:
+    if not lo <= i <= hi:
+        raise IndexError(f"{where}: index i={i} out of range [{lo}, {hi}] ({what})")
+
+
+def _states_what(T: int) -> str:
+    return f"states 1..T for num_steps T={T}; state 0 (x_T) is not stored"
 
 
 def _check_adv_args(where: str, eps: float, adv_clip: Optional[float]) -> None:
@@ -330,7 +336,7 @@ class PyRolloutCache:
             raise TypeError(f"{where}: state_dtype must be torch.float32 or torch.bfloat16, got {state_dtype}")
         device = torch.device(device)
         T, B = self._T, self._B
-        self._states = torch.zeros((T + 1, B, *self._sample_shape), dtype=state_dtype, device=device)
+        self._states = torch.zeros((T, B, *self._sample_shape), dtype=state_dtype, device=device)
         self._log_probs = torch.zeros((T, B), dtype=torch.float64, device=device)
         self._timesteps = torch.zeros((T,), dtype=torch.int64, device=device)
         self._sigmas = torch.zeros((T,), dtype=torch.float32, device=device)
@@ -356,27 +362,27 @@ class PyRolloutCache:
                 f"state_dtype={self.state_dtype}, device={self.device})")
 
     def record_state(self, i: int, x: torch.Tensor) -> None:
-        """states[i] <- x (cast); i in [0, T], x [B, *sample_shape] on the cache's device."""
+        """state i <- x (cast); i in [1, T], x [B, *sample_shape] on the cache's device."""
         where = "RolloutCache.record_state"
-        _check_index(where, i, self._T + 1, f"T+1 states for num_steps T={self._T}")
+        _check_index(where, i, 1, self._T, _states_what(self._T))
         _check_floating(where, "x", x)
         _check_shape(where, "x", x, self._states.shape[1:], "[B, *sample_shape]")
         _check_device(where, "x", x, self.device)
-        self._states[i].copy_(x)
+        self._states[i - 1].copy_(x)
 
     def record_logprob(self, i: int, lp: torch.Tensor) -> None:
         """log_probs[i] <- lp (cast to f64); i in [0, T-1], lp [B] on the cache's device."""
         where = "RolloutCache.record_logprob"
-        _check_index(where, i, self._T, f"num_steps T={self._T}")
+        _check_index(where, i, 0, self._T - 1, f"num_steps T={self._T}")
         _check_floating(where, "lp", lp)
         _check_shape(where, "lp", lp, (self._B,), "[B]")
         _check_device(where, "lp", lp, self.device)
         self._log_probs[i].copy_(lp)
 
     def state(self, i: int) -> torch.Tensor:
-        """View of states[i], i in [0, T]."""
-        _check_index("RolloutCache.state", i, self._T + 1, f"T+1 states for num_steps T={self._T}")
-        return self._states[i]
+        """View of state i = states[i - 1], i in [1, T]."""
+        _check_index("RolloutCache.state", i, 1, self._T, _states_what(self._T))
+        return self._states[i - 1]
 
     def set_schedule(self, timesteps: torch.Tensor, sigmas: torch.Tensor) -> None:
         where = "RolloutCache.set_schedule"

@@ -9,9 +9,11 @@
 #             (if the C++ extension fails to build: again with PPO_DDPM_SKIP_EXT=1, so the rest can run)
 #   kernels   every kernel natively vs float64 maths: tests/test_kernel_{ddim_step,gaussian_log_ratio,
 #             ppo_trajectory,multiblock}.py (incl. B=64 x 3x256x256 on the device's own split)
-#   cuda      the CUDA tests: pytest -m cuda (CUDA graphs == eager for the same seed, CUDA rollout cache)
+#   cuda      the CUDA tests: pytest -m cuda (CUDA graphs == eager for the same seed: rollout, ratio pass and the
+#             with-grad micro-batch step's gradient, fp32 / no TF32 / bf16 + channels_last; CUDA rollout cache)
 #   aot       python -m ppo_ddpm.kernels.aot: every launch compiled for sm_90 and sm_80, 0 spills
-#   bench-*   pytest benchmarks/test_bench_{kernels,memory,ppo}.py --benchmark-only, JSON in $OUT
+#   bench-*   pytest benchmarks/test_bench_{kernels,memory,ppo,precision}.py --benchmark-only, JSON in $OUT
+#             (precision: one PPO iteration in fp32 / fp32 without TF32 / fp32 without graphs / bf16 / bf16 + channels_last)
 # then a compact summary table (scripts/gpu_check_summary.py). Exit status 1 if a stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,13 +92,13 @@ else
 fi
 
 if (( HAS_CUDA )); then
-  for group in kernels memory ppo; do
+  for group in kernels memory ppo precision; do
     stage "bench-$group" 300 "$PY" -m pytest -q -p no:cacheprovider "benchmarks/test_bench_$group.py" --benchmark-only \
       --benchmark-json "$OUT_DIR/bench_$group.json"
   done
   ls "$OUT_DIR"/bench_*.json > /dev/null 2>&1 && "$PY" -m benchmarks.report "$OUT_DIR"/bench_*.json > "$OUT_DIR/report.md" 2>&1
 else
-  for group in kernels memory ppo; do skip "bench-$group" "$NO_GPU; the CPU figures come from pytest benchmarks --benchmark-only"; done
+  for group in kernels memory ppo precision; do skip "bench-$group" "$NO_GPU; the CPU figures come from pytest benchmarks --benchmark-only"; done
 fi
 
 "$PY" scripts/gpu_check_summary.py "$OUT_DIR" --elapsed $((SECONDS - START)) --budget "$BUDGET"

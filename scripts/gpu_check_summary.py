@@ -97,7 +97,7 @@ def kernel_rows(kinds: dict) -> list[str]:
 
 def ppo_rows(kinds: dict) -> list[str]:
     lines = []
-    for kind, base in (("rollout", "ddpo"), ("ppo_iter", "ddpo")):
+    for kind, base in (("rollout", "ddpo"), ("ppo_iter", "ddpo"), ("ppo_precision", "fp32")):
         groups: dict = {}
         for b in kinds.get(kind, []):
             groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b["stats"]["median"]

@@ -59,7 +59,7 @@ def ddpo_log_prob(model, sched, eta: float, t: int, x: torch.Tensor, x_prev: tor
 
 
 def ddpo_loss(model, old, sched, eta, states, advantages, adv_clip_max, clip_range):
-    """mean over samples and timesteps of DDPO's clipped per-step loss; states [T+1, B, ...] of one rollout."""
+    """mean over samples and timesteps of DDPO's clipped per-step loss; states [T+1, B, ...] (x_T .. x_0) of one rollout."""
     adv = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
     losses, ratios = [], []
     for j, t in enumerate(sched.timesteps.tolist()):
@@ -97,7 +97,7 @@ def test_per_step_mean_is_ddpo(use_kernels):
 
     trainer.policy.zero_grad(set_to_none=True)
     sched = ddpo_scheduler(trainer)
-    states = trainer.cache.states.float()
+    states = torch.stack([trainer.state(i).float() for i in range(trainer.n + 1)])  # x_T, then the cached actions
     loss, ratio = ddpo_loss(trainer.policy, old, sched, cfg.sampling.eta, states, trainer.cache.advantages,
                             cfg.ppo.adv_clip, CLIP_RANGE)
     A, e = trainer.cache.advantages, CLIP_RANGE

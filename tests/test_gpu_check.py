@@ -8,7 +8,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_STAGES = ("kernels", "cuda", "bench-kernels", "bench-memory", "bench-ppo")
+GPU_STAGES = ("kernels", "cuda", "bench-kernels", "bench-memory", "bench-ppo", "bench-precision")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script itself is what runs (bash scripts/gpu_check.sh)")

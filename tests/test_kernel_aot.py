@@ -53,6 +53,24 @@ def test_every_launch_compiles_without_spills_for_sm90_and_sm80(aot_summary):
     assert "regs" in stdout and "sm_90" in stdout and "sm_80" in stdout  # the printed table
 
 
+def test_sweep_covers_prediction_types_grad_masks_and_out_buffers(aot_summary):
+    """Every PRED of ddim_step (forward and backward), both STRICT values of the trajectory kernel, and sampling
+    into out= buffers of the other state dtype (pointers: x_t, eps, noise, x_prev, mean, ...)."""
+    summary, _ = aot_summary
+    sigs: dict = {}
+    for k in summary["kernels"]:
+        if k["arch"] == 90:
+            sigs.setdefault(k["kernel"], []).append(k["signature"])
+    for kernel in ("ddim_step._forward_kernel", "ddim_step._backward_kernel"):
+        for pred in range(3):
+            assert any(f" PRED={pred}" in s for s in sigs[kernel]), (kernel, pred)
+    for strict in (True, False):
+        assert any(f" STRICT={strict}" in s for s in sigs["ppo_trajectory._trajectory_kernel"]), strict
+    forward = sigs["ddim_step._forward_kernel"]
+    for pointers in ("*fp32,fp32,fp32,bf16,fp32,", "*bf16,bf16,bf16,fp32,bf16,", "*bf16,bf16,fp32,fp32,bf16,"):
+        assert any(s.startswith(pointers) and "SCORE=False" in s for s in forward), pointers
+
+
 def test_discovery_reaches_every_kernel(aot_summary):
     summary, _ = aot_summary
     assert {k["kernel"] for k in summary["kernels"]} == launched_kernels()

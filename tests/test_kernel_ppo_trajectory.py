@@ -44,9 +44,9 @@ def inputs(T, B, gen, dtype=torch.float32, scale=0.05):
     return randn((T, B), gen, scale, dtype).to(DEV), randn((B,), gen).to(DEV)
 
 
-def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv):
+def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv, per_step_clip=None):
     loss, log_r, r, mask, weights, stats = exact
-    bounds = trajectory_bounds(l, adv, loss, log_r, weights, stats)
+    bounds = trajectory_bounds(l, adv, loss, log_r, weights, stats, per_step_clip)  # the clip's fp32 rounding too
     for name, o, e in (("loss", out.loss, loss), ("log_ratio", out.log_ratio, log_r), ("weights", out.weights, weights)):
         assert_within_bound(name, o, e, bounds[name])
     for k in STATS:
@@ -63,11 +63,12 @@ def check(out: TrajectoryPPO, ref: TrajectoryPPO, exact, l, adv):
 
 @pytest.mark.parametrize("grad_mask", ["strict", "ppo"])
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "step_clip", "global_clip", "both"])
-@pytest.mark.parametrize("T,B", [(5, 3), (50, 300), (1, 1)])  # (50, 300): 2 programs x 4 tiles of T
+@pytest.mark.parametrize("T,B", [(5, 3), (50, 300), (1, 1)])  # (50, 300): 2 programs x 25 tiles of T
 def test_matches_float64(T, B, settings, grad_mask, gen):
     l, adv = inputs(T, B, gen)
     s = dict(settings, grad_mask=grad_mask)
-    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv)
+    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv,
+          s.get("per_step_clip"))
 
 
 @pytest.mark.parametrize("grad_mask", ["strict", "ppo"])
@@ -76,7 +77,8 @@ def test_bf16_and_float64_log_ratios(dtype, grad_mask, gen):
     """l is loaded in its own dtype (float64: the trainer's ratio pass) and summed in float64."""
     l, adv = inputs(7, 33, gen, dtype)
     s = dict(SETTINGS[3], grad_mask=grad_mask)
-    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv)
+    check(trajectory_ppo(l, adv, **s), trajectory_ppo_reference(l, adv, **s), exact_trajectory(l, adv, **s), l, adv,
+          s.get("per_step_clip"))
 
 
 def test_float64_log_ratios_are_not_rounded_to_float32():

@@ -31,12 +31,12 @@ def impl_api(impl):
 def expected_nbytes(T, B, shape, dtype):
     d = int(np.prod(shape))
     state_bytes = 4 if dtype == torch.float32 else 2
-    # states + log_probs (f64) + timesteps + sigmas + rewards + group_ids + advantages
-    return (T + 1) * B * d * state_bytes + T * B * 8 + T * 8 + T * 4 + B * 4 + B * 8 + B * 4
+    # states 1..T (x_T is not stored) + log_probs (f64) + timesteps + sigmas + rewards + group_ids + advantages
+    return T * B * d * state_bytes + T * B * 8 + T * 8 + T * 4 + B * 4 + B * 8 + B * 4
 
 
 def fill_cache(cache, gen, T, B, shape):
-    for i in range(T + 1):
+    for i in range(1, T + 1):
         cache.record_state(i, torch.randn((B, *shape), generator=gen, dtype=torch.float64))
     for i in range(T):
         cache.record_logprob(i, torch.randn(B, generator=gen))
@@ -160,19 +160,19 @@ def test_record_state_round_trip(impl, dtype):
     Cache = impl_api(impl)[0]
     T, B, shape = 4, 3, (3, 5, 2)
     cache = Cache(T, B, shape, dtype)
-    assert cache.states.shape == (T + 1, B, *shape) and cache.states.dtype == dtype
+    assert cache.states.shape == (T, B, *shape) and cache.states.dtype == dtype  # states 1..T: no x_T
     assert cache.state_dtype == dtype and cache.device == torch.device("cpu")
     assert cache.num_steps == T and cache.batch_size == B and tuple(cache.sample_shape) == shape
     gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn((B, *shape), generator=gen, dtype=torch.float64) for _ in range(T + 1)]
+    xs = [torch.randn((B, *shape), generator=gen, dtype=torch.float64) for _ in range(T)]  # states 1..T
     lps = [torch.randn(B, generator=gen, dtype=torch.float64) for _ in range(T)]
-    for i, x in enumerate(xs):
+    for i, x in enumerate(xs, start=1):
         cache.record_state(i, x)
     for i, lp in enumerate(lps):
         cache.record_logprob(i, lp)
-    for i, x in enumerate(xs):
+    for i, x in enumerate(xs, start=1):
         assert torch.equal(cache.state(i), x.to(dtype))
-        assert torch.equal(cache.states[i], x.to(dtype))
+        assert torch.equal(cache.states[i - 1], x.to(dtype))  # row i-1: the action of call i-1
     assert cache.log_probs.dtype == torch.float64
     assert torch.equal(cache.log_probs, torch.stack(lps))  # float64 log-probs are stored exactly
     lp32 = torch.randn(B, generator=gen)
@@ -224,16 +224,16 @@ def test_recording_does_not_allocate(impl):
     cache = Cache(T, B, shape, torch.bfloat16)
     states_ptr, lp_ptr = cache.states.data_ptr(), cache.log_probs.data_ptr()
     row = B * int(np.prod(shape)) * cache.states.element_size()
-    for i in range(T + 1):
+    for i in range(1, T + 1):
         cache.record_state(i, torch.full((B, *shape), float(i)))
         view = cache.state(i)
-        assert view.data_ptr() == states_ptr + i * row  # a view into the preallocated storage
+        assert view.data_ptr() == states_ptr + (i - 1) * row  # a view into the preallocated storage
         assert view.untyped_storage().data_ptr() == cache.states.untyped_storage().data_ptr()
     for i in range(T):
         cache.record_logprob(i, torch.full((B,), -float(i)))
     assert cache.states.data_ptr() == states_ptr and cache.log_probs.data_ptr() == lp_ptr
-    assert cache.states.untyped_storage().nbytes() == (T + 1) * row  # T+1 states, no duplicates
-    cache.state(1).fill_(9.0)  # the view writes through
+    assert cache.states.untyped_storage().nbytes() == T * row  # T states, no duplicates, no x_T
+    cache.state(2).fill_(9.0)  # the view writes through
     assert torch.all(cache.states[1] == 9.0)
     sd = cache.state_dict()
     assert sd["states"].data_ptr() == states_ptr  # state_dict holds the storage, not a copy
@@ -423,14 +423,19 @@ def load_edited(Cache, drop=None, **changes):
 
 BAD_CALLS = {
     "state index": (lambda C, G, N: C(3, 2, (4,)).state(4), IndexError,
-                    r"RolloutCache.state: index i=4 out of range \[0, 3\]"),
+                    r"RolloutCache.state: index i=4 out of range \[1, 3\]"),
+    "state 0": (lambda C, G, N: C(3, 2, (4,)).state(0), IndexError,
+                r"RolloutCache.state: index i=0 out of range \[1, 3\] \(states 1..T for num_steps T=3; "
+                r"state 0 \(x_T\) is not stored\)"),
+    "record state 0": (lambda C, G, N: C(3, 2, (4,)).record_state(0, torch.zeros(2, 4)), IndexError,
+                       r"RolloutCache.record_state: index i=0 out of range \[1, 3\]"),
     "negative index": (lambda C, G, N: C(3, 2, (4,)).record_state(-1, torch.zeros(2, 4)), IndexError,
                        r"index i=-1"),
     "logprob index": (lambda C, G, N: C(3, 2, (4,)).record_logprob(3, torch.zeros(2)), IndexError,
                       r"out of range \[0, 2\]"),
-    "state shape": (lambda C, G, N: C(3, 2, (4,)).record_state(0, torch.zeros(2, 5)), ValueError,
+    "state shape": (lambda C, G, N: C(3, 2, (4,)).record_state(1, torch.zeros(2, 5)), ValueError,
                     r"x has shape \[2, 5\] but expected \[2, 4\]"),
-    "state dtype": (lambda C, G, N: C(3, 2, (4,)).record_state(0, torch.zeros(2, 4, dtype=torch.int64)), TypeError,
+    "state dtype": (lambda C, G, N: C(3, 2, (4,)).record_state(1, torch.zeros(2, 4, dtype=torch.int64)), TypeError,
                     r"x must be a floating tensor, got torch.int64"),
     "logprob shape": (lambda C, G, N: C(3, 2, (4,)).record_logprob(0, torch.zeros(3)), ValueError,
                       r"lp has shape \[3\] but expected \[2\]"),
@@ -464,7 +469,7 @@ BAD_CALLS = {
                    r"state_dict is missing tensor key 'sigmas'"),
     "sd shape": (lambda C, G, N: load_edited(C, rewards=torch.zeros(3)), ValueError,
                  r"state_dict\['rewards'\] has shape \[3\] but expected \[2\]"),
-    "sd dtype": (lambda C, G, N: load_edited(C, states=torch.zeros(3, 2, 1, dtype=torch.bfloat16)), TypeError,
+    "sd dtype": (lambda C, G, N: load_edited(C, states=torch.zeros(2, 2, 1, dtype=torch.bfloat16)), TypeError,
                  r"state_dict\['states'\] has dtype torch.bfloat16 but expected torch.float32"),
     "sd num_steps": (lambda C, G, N: load_edited(C, num_steps=3), ValueError,
                      r"state_dict\['num_steps'\]=3 but this cache has num_steps=2"),
@@ -550,7 +555,7 @@ def test_cuda_storage_plans_and_graph_capture(impl, dtype):
     steps = torch.tensor([2, 0])
     assert torch.equal(cache.timestep_plan(5, 2, steps.cuda()).cpu(), cpu.timestep_plan(5, 2, steps))
     with pytest.raises(ValueError, match="is on cpu but the cache is on cuda"):
-        cache.record_state(0, torch.zeros(B, *shape))
+        cache.record_state(1, torch.zeros(B, *shape))
 
     x = torch.randn(B, *shape, device="cuda")
     lp = torch.randn(B, device="cuda", dtype=torch.float64)

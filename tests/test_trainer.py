@@ -42,6 +42,10 @@ def test_ratio_exactly_one_at_old_params(state_dtype, use_kernels, objective):
     if state_dtype == "bfloat16":
         assert cache.states.dtype == torch.bfloat16
     assert cache.log_probs.dtype == torch.float64
+    # state 0 is not cached: every pass reads x_T as drawn (unrounded), here compared with a redraw from the seed
+    x_T = RolloutNoise.draw(3, B, trainer.n, trainer.sample_shape, 0, "cpu", torch.float32).x_T
+    assert cache.states.shape[0] == trainer.n and torch.equal(trainer.state(0), x_T)
+    assert not torch.equal(x_T, x_T.bfloat16().float())
     rows, steps = torch.arange(B), cache.timestep_plan(1, trainer.steps_per_sample, trained(trainer))
     skipped = trainer.ratio_pass(rows)
     assert skipped.dtype == torch.float64 and bool((skipped == 0).all())

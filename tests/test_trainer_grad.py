@@ -60,6 +60,7 @@ def tiny_config(deterministic_last: bool = False, **ppo) -> Config:
     cfg.sampling.spacing = "leading" if deterministic_last else "trailing"
     cfg.sampling.set_alpha_to_one = deterministic_last
     cfg.ppo.batch_size, cfg.ppo.microbatch = 8, 3  # uneven micro-batches
+    cfg.ppo.num_epochs = cfg.ppo.num_minibatches = 1  # one update per rollout unless a test says otherwise
     cfg.ppo.use_kernels = False
     cfg.ppo.sigma_floor = 0.1
     for k, v in ppo.items():
@@ -95,12 +96,12 @@ def hand_log_prob(action: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Ten
 def reference_terms(trainer: PPOTrainer, policy: nn.Module, old: nn.Module, ref: nn.Module | None, steps: list[int]):
     """(l [len(steps), B] with grad, KL [len(steps), B] with grad, logp_old [len(steps), B]) by hand, for
     ``policy`` (theta), ``old`` (the rollout's params) and ``ref`` (the KL's reference) on the trainer's cache."""
-    plan, cache, p = trainer.plan, trainer.cache, trainer.pcfg
+    plan, p = trainer.plan, trainer.pcfg
     clip_x0 = trainer.cfg.sampling.clip_x0
     R = math.prod(trainer.sample_shape) if p.log_prob_reduction == "mean" else 1
     ls, kls, olds = [], [], []
     for i in steps:
-        x, action = cache.state(i).double(), cache.state(i + 1).double()
+        x, action = trainer.state(i).double(), trainer.state(i + 1).double()  # state 0: the rollout's x_T
         s = policy_scale(plan, i, p.sigma_floor)
         mu = hand_mean(policy, plan, i, x, clip_x0)
         with torch.no_grad():

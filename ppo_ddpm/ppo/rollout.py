@@ -3,7 +3,9 @@ The loops are plain functions of static buffers, so the same code runs eagerly (
 CUDA graph (``graphs.py``): identical maths on both paths.
 
 One episode is the DDIM reverse process x_T -> x_0 with the plan's n steps (step i = i-th network
-call, from timestep t_i), run by ``ddpm.sample.ddim_loop``. With the stored state x_i (``cache.state(i)``):
+call, from timestep t_i), run by ``ddpm.sample.ddim_loop``. State i, x_i, is x before call i: state 0
+is the start x_T, unrounded in the policy dtype (the trainer's static buffer ``RolloutNoise.x_T``: it is
+not stored in the cache, and every pass reads it from there, exactly); state i >= 1 is ``cache.state(i)``:
 
     eps_i    = policy(x_i, t_i, y)
     x_{i+1}  = mu_i + sigma_i z_i,       mu_i = DDIM mean (``ddpm.ddim``), z_i ~ N(0, I)
@@ -114,7 +116,7 @@ class RolloutNoise:
 
 def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise: Callable[[int], torch.Tensor], ops,
                  policy_steps: list[int], *, clip_x0, sigma_floor: float, prediction_type: str = "epsilon") -> None:
-    """Fill ``cache`` states 0..n and the log-probs of ``policy_steps`` (module docstring).
+    """Fill ``cache`` states 1..n and the log-probs of ``policy_steps`` from ``noise.x_T`` (module docstring).
 
     ``step_noise(i)`` gives z_i [B, C, H, W] (drawn in place into one buffer, or read from explicit
     noise). No host syncs and no data-dependent shapes: capturable in a CUDA graph.
@@ -125,19 +127,20 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
         if i in stochastic:
             cache.record_logprob(i, log_prob)
 
-    cache.record_state(0, noise.x_T)
-    ddim_loop(policy, plan, cache.state(0).to(noise.x_T.dtype), noise.labels, noise=step_noise, step_fn=ops.ddim_step,
+    ddim_loop(policy, plan, noise.x_T, noise.labels, noise=step_noise, step_fn=ops.ddim_step,
               clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type, store=cache.state, visit=record)
 
 
-def ratio_loop(policy, plan: DDIMPlan, cache, rows: torch.Tensor, labels, steps: list[int], out: torch.Tensor, ops,
-               *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int, prediction_type: str = "epsilon") -> torch.Tensor:
+def ratio_loop(policy, plan: DDIMPlan, cache, x_T: torch.Tensor, rows: torch.Tensor, labels, steps: list[int],
+               out: torch.Tensor, ops, *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int,
+               prediction_type: str = "epsilon") -> torch.Tensor:
     """No-grad ratio pass: out[j, b] = (logp_theta(x_{i+1} | x_i) - logp_old[i]) / divisor at the step
     i = steps[j], for the samples ``rows`` [m] (raw per-step log r, unclipped; divisor 1 for the sum
-    reduction, D for the mean). ``out``: [len(steps), m] float64. Capturable."""
+    reduction, D for the mean); state 0 is ``x_T`` [B, ...], the rollout's start. ``out``:
+    [len(steps), m] float64. Capturable."""
     m = rows.shape[0]
     for j, i in enumerate(steps):
-        x = cache.state(i).index_select(0, rows).to(dtype)
+        x = (x_T if i == 0 else cache.state(i)).index_select(0, rows).to(dtype)
         action = cache.state(i + 1).index_select(0, rows).to(dtype)
         t, *coefs = plan.step(i, m)
         eps = policy(x, t, labels)

@@ -7,9 +7,11 @@ l_{i,b} = (log pi_theta - log pi_old) / R, R = 1 (``log_prob_reduction: sum``) o
 Two passes per iteration (peak memory independent of the number of steps):
 
 1. ``rollout(seed)`` (no grad): x_T, labels, then the step noise z_i step by step, from a generator
-   seeded by ``seed``; the DDIM loop records states and old log-probs (float64) in the RolloutCache
-   (``rollout.rollout_loop``); rewards r_b = R(x_0), checked (a batch with NaN/inf is skipped and
-   counted); advantages over the global batch (all_gather when distributed), the local slice kept.
+   seeded by ``seed``; the DDIM loop starts from x_T as drawn and records states 1..n (the actions)
+   and old log-probs (float64) in the RolloutCache (``rollout.rollout_loop``); x_T itself stays in the
+   trainer's static buffer, unrounded, and is state 0 of every pass (``state(0)``); rewards
+   r_b = R(x_0), checked (a batch with NaN/inf is skipped and counted); advantages over the global
+   batch (all_gather when distributed), the local slice kept.
 2. ``update(cache)``: for each epoch and minibatch (``cache.minibatch_plan``) and the per-sample
    step subset (``cache.timestep_plan``: K = ceil(timestep_fraction * n_train) of the n_train trained
    steps, the last ``train_last_k`` stochastic steps or all of them):
@@ -29,6 +31,9 @@ Two passes per iteration (peak memory independent of the number of steps):
    counted), clipped to grad_clip, one AdamW step, EMA update.
 
 The policy is put in eval mode (no dropout: log-probs must be reproducible); gradients still flow.
+Every UNet forward runs under ``ppo.precision`` / ``tf32`` / ``channels_last`` (``precision.py``). With
+``ppo.cuda_graphs`` on CUDA the rollout, the ratio pass and each micro-batch's with-grad step replay
+CUDA graphs (``graphs.py``) of the same code.
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from ..utils.ema import ema_update_
 from . import distributed
 from .graphs import GraphedCall
 from .objective import RATIO_STATS, gaussian_kl, per_step_surrogate, step_share, trajectory_step_loss, trust_region_stats
+from .precision import UNetPrecision
 from .rollout import RolloutNoise, check_policy_steps, compute_advantages, derive_seed, kernel_ops, ratio_loop, rollout_loop
 
 log = logging.getLogger(__name__)
@@ -81,6 +87,8 @@ class PPOTrainer:
             policy = policy.module  # gradients are averaged explicitly (distributed.all_reduce_grads)
         self.policy = policy.to(self.device).eval()
         self.dtype = next(self.policy.parameters()).dtype
+        self.precision = UNetPrecision.from_config(p, self.device)  # every UNet forward goes through it
+        self.precision.prepare(self.policy)
         self.reward_fn = reward_fn
         plan = DDIMPlan.from_config(cfg)
         self.policy_steps = check_policy_steps(plan, p.sigma_floor)
@@ -100,6 +108,7 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay)
         self.ref_policy = _frozen_copy(ref_policy if ref_policy is not None else self.policy).to(self.device) if p.kl_beta > 0 else None
         self.ema = _frozen_copy(self.policy) if p.ema_decay > 0 else None
+        self.precision.prepare(self.ref_policy)
         self.tracker = GroupStatTracker(p.group_buffer_size, p.group_min_count) if p.advantage == "group" else None
         self.cache = RolloutCache(self.n, p.batch_size, self.sample_shape, _STATE_DTYPES[p.state_dtype], self.device)
         self.cache.set_schedule(self.plan.timesteps, self.plan.sigma)
@@ -111,6 +120,7 @@ class PPOTrainer:
         self._gen = torch.Generator(device=self.device)
         self.use_graphs = p.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}
+        self._grads: Optional[list[torch.Tensor]] = None  # CUDA graphs: the static .grad tensors (graphs.py)
         # Parameter version: bumped by every optimizer step / load. While the cache's rollout version
         # equals it, the cache was sampled by the current params, so its log-ratios are exactly 0.
         self._version = 0
@@ -141,8 +151,9 @@ class PPOTrainer:
         t0 = time.perf_counter()
         cache = self.cache
         self._rollout_version = None
-        loop = lambda draw: rollout_loop(self.policy, self.plan, cache, self._noise, draw, self.ops,  # noqa: E731
-                                         self.policy_steps, **self._kw())
+        unet = self.precision.bind(self.policy)
+        loop = lambda draw: rollout_loop(unet, self.plan, cache, self._noise, draw, self.ops, self.policy_steps,  # noqa: E731
+                                         **self._kw())
         if noise is not None:
             if noise.z is None or noise.z.shape[0] != self.n:
                 raise ValueError(f"explicit rollout noise needs z of shape [{self.n}, B, ...] (RolloutNoise.draw)")
@@ -194,7 +205,21 @@ class PPOTrainer:
         info["time_rollout"] = time.perf_counter() - t0
         return cache, info
 
+    def state(self, i: int) -> torch.Tensor:
+        """x_i [B, C, H, W] of the current rollout: the start x_T for i = 0 (the static buffer, unrounded,
+        policy dtype), else the cache's state i (its storage dtype)."""
+        return self._noise.x_T if i == 0 else self.cache.state(i)
+
     # ------------------------------------------------------------------ pass 2
+
+    def step_inputs(self, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, action) [m, C, H, W] in the policy dtype of the samples ``rows`` [m] at their steps ``steps`` [m]:
+        state steps[j] (x_T where it is 0) and state steps[j] + 1. No host sync."""
+        states = self.cache.states  # row i - 1 holds state i
+        action = states[steps, rows].to(self.dtype)
+        before = states[(steps - 1).clamp_min(0), rows].to(self.dtype)
+        at_start = (steps == 0).view(-1, *(1,) * (before.dim() - 1))
+        return torch.where(at_start, self._noise.x_T[rows], before), action
 
     @torch.no_grad()
     def ratio_pass(self, rows: torch.Tensor) -> torch.Tensor:
@@ -203,14 +228,15 @@ class PPOTrainer:
         if self._rollout_version == self._version:
             return torch.zeros(self.n_train, m, dtype=torch.float64, device=self.device)
         kw = dict(ops=self.ops, dtype=self.dtype, divisor=self.divisor, **self._kw())
+        unet = self.precision.bind(self.policy)
         if not self.use_graphs:
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            return ratio_loop(self.policy, self.plan, self.cache, rows, self._labels(rows), self.trained_steps, out, **kw)
+            return ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows, self._labels(rows), self.trained_steps, out, **kw)
         key = ("ratio", m)
         if key not in self._graphs:
             rows_buf = rows.clone()
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            fn = lambda: ratio_loop(self.policy, self.plan, self.cache, rows_buf, self._labels(rows_buf),  # noqa: E731
+            fn = lambda: ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows_buf, self._labels(rows_buf),  # noqa: E731
                                     self.trained_steps, out, **kw)
             self._graphs[key] = (rows_buf, GraphedCall(fn))
         rows_buf, graph = self._graphs[key]
@@ -221,12 +247,11 @@ class PPOTrainer:
         """Backward of one micro-batch at one step per sample; rows, steps, weights: [m]; ``total`` = the
         minibatch size. -> (tensor stats, per-step log-ratio [m] as clipped by per_step_clip, detached)."""
         p, cache = self.pcfg, self.cache
-        x_t = cache.states[steps, rows].to(self.dtype)
-        action = cache.states[steps + 1, rows].to(self.dtype)
+        x_t, action = self.step_inputs(rows, steps)
         old = cache.log_probs[steps, rows]
         t, *coefs = self.plan.step(steps, rows.shape[0])
         labels = self._labels(rows)
-        eps = self.policy(x_t, t, labels)
+        eps = self.precision.forward(self.policy, x_t, t, labels)
         _, mu, _ = self.ops.ddim_step(x_t, eps, *coefs, x_prev=action, **self._kw())
         log_r = self.ops.log_ratio(action, mu, old, coefs[2], sigma_floor=p.sigma_floor, per_step_clip=p.per_step_clip,
                                    reduction=p.log_prob_reduction)
@@ -242,19 +267,51 @@ class PPOTrainer:
             out.update({k: v / total * step_weight for k, v in counts.items()})
         if self.ref_policy is not None:
             with torch.no_grad():
-                _, mu_ref, _ = self.ops.ddim_step(x_t, self.ref_policy(x_t, t, labels), *coefs, x_prev=action, **self._kw())
+                eps_ref = self.precision.forward(self.ref_policy, x_t, t, labels)
+                _, mu_ref, _ = self.ops.ddim_step(x_t, eps_ref, *coefs, x_prev=action, **self._kw())
             kl = gaussian_kl(mu, mu_ref, coefs[2].clamp_min(p.sigma_floor)).sum() / (self.divisor * total) * step_weight
             loss = loss + p.kl_beta * kl
             out["kl"] = kl.detach()
-        loss.backward()
+        with self.precision.backend():
+            loss.backward()
         return out, log_r.detach()
+
+    def _chunk(self, rows, steps, weights, total: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``_step_chunk`` eagerly, or with CUDA graphs by replaying the graph captured for this micro-batch
+        size (the full size and, when microbatch does not divide the minibatch, the last one's: shapes are
+        fixed by the config, so at most two graphs) on static copies of rows, steps and weights. The
+        outputs are the graph's static tensors: read them before the next call."""
+        if not self.use_graphs:
+            return self._step_chunk(rows, steps, weights, total)
+        key = ("grad", rows.shape[0], total)
+        if key not in self._graphs:
+            inputs = (rows.clone(), steps.clone(), weights.clone())
+            fn = lambda: self._step_chunk(*inputs, total)  # noqa: E731
+            self._graphs[key] = (inputs, GraphedCall(fn, grads=self._grads))
+        inputs, graph = self._graphs[key]
+        for buf, value in zip(inputs, (rows, steps, weights)):
+            buf.copy_(value)
+        return graph()
+
+    def _zero_grads(self) -> None:
+        """Start a minibatch's gradient at 0: eagerly by dropping the .grad tensors (the first backward
+        allocates them); with CUDA graphs by zeroing, in place, the static .grad tensors the captured
+        backward accumulates into, and giving them back to the parameters."""
+        if not self.use_graphs:
+            for q in self.params:
+                q.grad = None
+            return
+        if self._grads is None:
+            self._grads = [torch.zeros_like(q) for q in self.params]
+        for q, g in zip(self.params, self._grads):
+            g.zero_()
+            q.grad = g
 
     def minibatch_gradient(self, rows: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
         """Accumulate d L / d theta of the minibatch ``rows`` [m] into ``.grad`` (zeroed first), using
         the per-sample trained steps ``steps`` [m, K]. Returns tensor stats (no host sync)."""
         p = self.pcfg
-        for q in self.params:
-            q.grad = None
+        self._zero_grads()
         m, K = rows.shape[0], steps.shape[1]
         stats: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         weights = torch.zeros(m, device=self.device)
@@ -272,7 +329,7 @@ class PPOTrainer:
         for k in range(K):
             for c in range(0, m, p.microbatch):
                 sl = slice(c, c + p.microbatch)
-                chunk_stats, per_step_l[k, sl] = self._step_chunk(rows[sl], steps[sl, k], weights[sl], m)
+                chunk_stats, per_step_l[k, sl] = self._chunk(rows[sl], steps[sl, k], weights[sl], m)
                 for name, v in chunk_stats.items():
                     stats[name] = stats[name] + v
         if p.objective == "per_step":
@@ -373,7 +430,8 @@ class PPOTrainer:
         if self.num_classes > 0 and class_labels is None:
             class_labels = torch.randint(0, self.num_classes, (x.shape[0],), generator=gen, device=self.device)
         draw = lambda i: torch.randn(x.shape, generator=gen, device=self.device, dtype=self.dtype)  # noqa: E731
-        return ddim_loop(policy, self.plan, x, class_labels, noise=draw, step_fn=self.ops.ddim_step, **self._kw())
+        return ddim_loop(self.precision.bind(policy), self.plan, x, class_labels, noise=draw, step_fn=self.ops.ddim_step,
+                         **self._kw())
 
     def state_dict(self) -> dict:
         """Policy, optimizer, EMA, reference, group tracker, counters (tensors/dicts/primitives only)."""
