@@ -81,11 +81,13 @@ def test_classifier_log_prob_by_hand(reward_model_file):
         build_reward(RewardConfig(kind="classifier", model_path=str(path), target_class=2))
 
 
-def test_real_vs_fake_reward_is_log_odds(reward_model_file):
+def test_real_vs_fake_reward_is_log_p_real_or_log_odds(reward_model_file):
     path, model = reward_model_file
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     logp = torch.log_softmax(model.eval()(x).double(), dim=1)
-    r = build_reward(RewardConfig(kind="model", model_path=str(path)))(x)
+    r = build_reward(RewardConfig(kind="model", model_path=str(path)))(x)  # default: log p(real), bounded
+    torch.testing.assert_close(r.double(), logp[:, 1], rtol=1e-5, atol=1e-5)
+    r = build_reward(RewardConfig(kind="model", model_path=str(path), model_output="log_odds"))(x)
     torch.testing.assert_close(r.double(), logp[:, 1] - logp[:, 0], rtol=1e-5, atol=1e-5)
 
 

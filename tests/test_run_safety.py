@@ -217,7 +217,9 @@ def test_diverged_policy_stops_the_run_and_keeps_good_checkpoints(done_run, tmp_
     run = copy_of(done_run, tmp_path)
     for name in ("checkpoints/last.pt", "checkpoints/prev.pt", "metrics.jsonl", "finetuned.pth"):
         (run / name).unlink()
-    assert finetune.main(args(f"output_dir={run}", "ppo.iterations=6", "ppo.lr=1e30")) == 2
+    # one update per iteration: the first iteration ends (checkpointed) before the samples turn NaN
+    assert finetune.main(args(f"output_dir={run}", "ppo.iterations=6", "ppo.lr=1e30", "ppo.num_epochs=1",
+                              "ppo.num_minibatches=1")) == 2
     err = capsys.readouterr().err
     assert "the policy diverged" in err and "no checkpoint was written for it" in err and "Lower ppo.lr" in err
     assert "Traceback" not in err
