@@ -31,7 +31,8 @@ c_x0 = sqrt(abar_prev) d x0_raw / d o, c_eps = dir_b d eps_hat / d o:
 Cost (``bytes_moved``): sampling reads x_t, eps, noise and writes x_prev, mean; scoring reads x_t,
 eps, x_prev and writes mean. Backward reads the output gradients (plus x_t, eps when clip_x0 is set
 or log_prob is differentiated through a given x_prev, plus x_prev then) and writes d eps.
-Launch: grid (nchunks, B) of BLOCK-element steps, then one tiny finalize program per sample.
+Launch: grid (nchunks, B) of BLOCK-element steps, each writing its fp64 partial sum of squares, then one
+tiny finalize program per sample adding them in a fixed order.
 """
 from __future__ import annotations
 
@@ -107,15 +108,16 @@ if HAS_TRITON:
     @triton.jit
     def _forward_kernel(
         x_ptr, eps_ptr, z_ptr, xprev_ptr, mean_ptr, part_ptr, abar_t_ptr, abar_prev_ptr, sigma_ptr,
-        clip, D, chunk_len, nchunks, BLOCK: tl.constexpr, SCORE: tl.constexpr, PRED: tl.constexpr,
+        clip, D, chunk_len, nblocks, BLOCK: tl.constexpr, SCORE: tl.constexpr, PRED: tl.constexpr,
     ):
-        """mean (and x_prev = mean + sigma z when sampling, rounded to x_prev's dtype); part[b, c] = fp64 chunk
-        sum of (x_prev - mean)^2 with x_prev as stored. z is the noise (sampling) or the given x_prev (SCORE)."""
+        """mean (and x_prev = mean + sigma z when sampling, rounded to x_prev's dtype); part[b, k] = fp64 sum of
+        (x_prev - mean)^2 over BLOCK k of sample b, x_prev as stored. z is the noise (sampling) or the given
+        x_prev (SCORE). No fp64 value is carried across loop steps: a [BLOCK] fp64 accumulator spilled on
+        sm_90 with triton 3.9, a scalar one with triton 3.6 (AOT-checked)."""
         c = tl.program_id(0)
         b = tl.program_id(1)
         row = b.to(tl.int64) * D
         sqrt_1m_at, sqrt_at, sqrt_ap, dir_coef, _c_x0, _c_eps, sig = _coefficients(abar_t_ptr, abar_prev_ptr, sigma_ptr, b, PRED)
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, chunk_len, BLOCK):
             idx = c * chunk_len + i + tl.arange(0, BLOCK)
             m = idx < D
@@ -133,15 +135,15 @@ if HAS_TRITON:
                 xp = xp_stored.to(tl.float32)
             store_cast(mean_ptr + row + idx, mean, m)
             d = tl.where(m, xp.to(tl.float64) - mean.to(tl.float64), 0.0)  # exact residual
-            acc += d * d
-        tl.store(part_ptr + b * nchunks + c, tl.sum(acc, axis=0))
+            k = (c * chunk_len + i) // BLOCK
+            tl.store(part_ptr + b * nblocks + k, tl.sum(d * d, axis=0), mask=k < nblocks)
 
     @triton.jit
-    def _finalize_kernel(part_ptr, sigma_ptr, lp_ptr, sigma_floor, D, nchunks, BLOCK_C: tl.constexpr):
-        """log_prob[b] = -sum_c part[b, c] / (2 s^2) - D log s - (D/2) log 2 pi."""
+    def _finalize_kernel(part_ptr, sigma_ptr, lp_ptr, sigma_floor, D, nblocks, BLOCK_K: tl.constexpr):
+        """log_prob[b] = -sum_k part[b, k] / (2 s^2) - D log s - (D/2) log 2 pi."""
         b = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_C)
-        total = tl.sum(tl.load(part_ptr + b * nchunks + offs, mask=offs < nchunks, other=0.0), axis=0)
+        offs = tl.arange(0, BLOCK_K)
+        total = tl.sum(tl.load(part_ptr + b * nblocks + offs, mask=offs < nblocks, other=0.0), axis=0)
         s = tl.maximum(tl.load(sigma_ptr + b), sigma_floor).to(tl.float64)
         lp = -total / (2.0 * s * s) - log_normalizer(s, D)
         tl.store(lp_ptr + b, lp)
@@ -202,11 +204,12 @@ class _DDIMStep(torch.autograd.Function):
             x_prev = out
         else:
             x_prev = _dispatch.new_empty(x.shape, x_t.dtype, dev)
-        part = _dispatch.new_empty((B, sp.nchunks), torch.float64, dev)
+        nblocks = triton.cdiv(D, BLOCK)
+        part = _dispatch.new_empty((B, nblocks), torch.float64, dev)
         clip = math.inf if clip_x0 is None else float(clip_x0)
-        _forward_kernel[(sp.nchunks, B)](x, e, zz, x_prev, mean, part, *coefs, clip, D, sp.chunk_len, sp.nchunks, BLOCK=BLOCK, SCORE=score, PRED=pred, num_warps=NUM_WARPS)
+        _forward_kernel[(sp.nchunks, B)](x, e, zz, x_prev, mean, part, *coefs, clip, D, sp.chunk_len, nblocks, BLOCK=BLOCK, SCORE=score, PRED=pred, num_warps=NUM_WARPS)
         log_prob = _dispatch.new_empty((B,), torch.float64, dev)
-        _finalize_kernel[(B,)](part, coefs[2], log_prob, float(sigma_floor), D, sp.nchunks, BLOCK_C=sp.block_c, num_warps=1)
+        _finalize_kernel[(B,)](part, coefs[2], log_prob, float(sigma_floor), D, nblocks, BLOCK_K=triton.next_power_of_2(nblocks), num_warps=1)
         ctx.save_for_backward(x, e, zz, *coefs)
         ctx.set_materialize_grads(False)  # unused outputs give None: no wasted reads in backward
         ctx.score, ctx.clip, ctx.clipped, ctx.sigma_floor, ctx.split = score, clip, clip_x0 is not None, float(sigma_floor), sp
