@@ -262,7 +262,7 @@ def gradient_signal(cfg_file: str | None, overrides: list[str], batches: int = 4
 
 def signal_table(rows: list[dict]) -> str:
     """Markdown: one line per (reward, variant, seed): cosine, largest step share, every step's share."""
-    lines = ["| reward | variant | seed | cos(g_a, g_b) | largest step share of sum ||g_t||^2 | shares by timestep |",
+    lines = ["| reward | variant | seed | cos(g_a, g_b) | largest step's share of the squared gradient norms | shares by timestep |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         shares = ", ".join(f"{t}: {v:.3f}" for t, v in zip(r["timesteps"], r["step_share"]))
