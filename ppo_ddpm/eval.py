@@ -91,14 +91,23 @@ def side_by_side(x_base: torch.Tensor, x_ft: torch.Tensor, path: Path) -> tuple[
 
 
 def real_images(cfg: Config, limit: int = 1024) -> torch.Tensor | None:
-    """Up to ``limit`` images of ``{data.root}/real`` (the distribution the base model was trained on), or
-    None when the run has no such folder (e.g. a pretrained model with a JPEG reward)."""
-    from .data import load_images
+    """Up to ``limit`` of the images the base model was trained on (``pretrain.load_training_data``:
+    ``data.root/real``, else ``data.root``, or its class folders for a class-conditional model), a fixed
+    random subset when there are more; None when the run has no data folder (e.g. a pretrained model with
+    a JPEG reward) or it holds no readable images (said on stderr)."""
+    from .data import DataError
+    from .pretrain import load_training_data
 
-    folder = Path(cfg.data.root) / "real" if cfg.data.root else None
-    if folder is None or not folder.is_dir():
+    if not cfg.data.root or not Path(cfg.data.root).is_dir():
         return None
-    return load_images(folder, cfg.model.sample_size)[:limit]
+    try:
+        images, _ = load_training_data(cfg)
+    except DataError as e:
+        print(f"[eval] no real images to compare with ({e}); KID and the off-data verdict are skipped", file=sys.stderr)
+        return None
+    if len(images) > limit:  # class folders come in order: a random subset, not the first classes
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit]]
+    return images
 
 
 def _mean(r: np.ndarray) -> float | None:

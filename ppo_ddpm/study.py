@@ -10,6 +10,8 @@ by the largest step), diversity, KID and grain against the real data, the verdic
     python -m ppo_ddpm.study --out runs/study                       # the table of docs/objective.md
     python -m ppo_ddpm.study --variants default --rewards model --seeds 0   # one row
     python -m ppo_ddpm.study --signal --seeds 0                    # gradient signal at the base model only
+    python -m ppo_ddpm.data.digits runs/digits/data                # a class-folder data set, then its classifier:
+    python -m ppo_ddpm.study --cfg configs/digits.yaml --rewards classifier --variants default --out runs/study_digits
 
 Each seed pretrains its own base model and reward model (the embedded pipeline, once per seed, shared
 by every variant and reward of that seed). Runs are subprocesses (``--jobs`` at a time, one thread
@@ -39,7 +41,6 @@ from .utils.cli import run_cli
 from .utils.finite import finite_or_none, format_number
 from .utils.lock import RunLock
 
-# name -> overrides of the embedded default (the first is the shipped default: no overrides)
 # name -> overrides of the embedded default; the first is the shipped default itself
 VARIANTS = {
     "default": [],
@@ -53,11 +54,15 @@ VARIANTS = {
     "per_step (DDPO), lr 2e-4": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null",
                                  "ppo.grad_mask=ppo", "ppo.lr=0.0002"],
 }
+# name -> overrides of the config's reward; "model" is the config's own reward (the embedded default's
+# real-vs-fake CNN); "classifier" needs class folders (e.g. --cfg configs/digits.yaml), so it is not run by default
 REWARDS = {
     "model": [],
     "jpeg_compressibility": ["reward.kind=jpeg_compressibility"],
     "jpeg_incompressibility": ["reward.kind=jpeg_incompressibility"],
+    "classifier": ["reward.kind=classifier"],
 }
+DEFAULT_REWARDS = ["model", "jpeg_compressibility", "jpeg_incompressibility"]
 CONTROL = ["reward.kind=random"]
 TRAIN_KEYS = ("keep_frac", "clipfrac", "top_step_share")
 
@@ -177,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", dest="extra_variants", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="add a variant, e.g. 'lr3e-5:ppo.lr=0.00003,ppo.num_epochs=2' (repeatable; run by default)")
     parser.add_argument("--variants", nargs="+", default=None, help=f"run only these variants (built in: {list(VARIANTS)})")
-    parser.add_argument("--rewards", nargs="+", default=list(REWARDS), help=f"subset of {list(REWARDS)}")
+    parser.add_argument("--rewards", nargs="+", default=DEFAULT_REWARDS,
+                        help=f"subset of {list(REWARDS)} (default: {' '.join(DEFAULT_REWARDS)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra override for every run (e.g. ppo.iterations=10)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -201,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
 
     def body() -> None:
-        load_config(args.cfg, args.overrides, validate=True)  # a bad config or override fails before any run
+        for r in args.rewards:  # a bad config, override or reward (e.g. no class folders) fails before any run
+            load_config(args.cfg, args.overrides + REWARDS[r], validate=True)
         with RunLock(out):  # one study per folder (each run locks its own folder too)
             if args.signal:
                 rows = _signal(args, out)

@@ -296,3 +296,31 @@ def test_cli_finds_the_runs_data_through_pipeline_json(models, tmp_path, capsys)
     assert "vs real data (6 images)" in capsys.readouterr().out
     r = strict_json(run / "eval" / "eval.json")
     assert r["base_path"] == str(run / "base.pth") and r["real"]["num_images"] == 6 and r["finetuned"]["kid"] is not None
+
+
+def _constant_images(value: float, n: int, size: int = 8) -> torch.Tensor:
+    return torch.full((n, 3, size, size), value)
+
+
+def test_real_images_are_the_base_models_training_data(tmp_path):
+    """KID's reference is what pretraining reads: data.root/real, else data.root itself, else (for a
+    class-conditional model) the union of its class folders, subsampled at random rather than by class."""
+    from ppo_ddpm.data import save_images
+    from ppo_ddpm.eval import real_images
+
+    sets = ["model.sample_size=8", "data.image_size=8"]
+    flat, classes, empty = tmp_path / "flat", tmp_path / "classes", tmp_path / "empty"
+    save_images(_constant_images(0.5, 3), flat, "img")
+    for c, value in enumerate((-1.0, 0.0, 1.0)):
+        save_images(_constant_images(value, 4), classes / str(c), "img")
+    empty.mkdir()
+
+    assert real_images(load_config(None, sets)) is None  # no data folder: nothing to compare with
+    x = real_images(load_config(None, sets + [f"data.root={flat}"]))
+    assert x.shape == (3, 3, 8, 8) and torch.allclose(x, torch.full_like(x, 0.5), atol=1 / 255)
+    cond = load_config(None, sets + [f"data.root={classes}", "model.num_classes=3"])
+    assert sorted(real_images(cond)[:, 0, 0, 0].round().tolist()) == [-1.0] * 4 + [0.0] * 4 + [1.0] * 4
+    subset = real_images(cond, limit=6)[:, 0, 0, 0].round()
+    assert len(subset) == 6 and len(set(subset.tolist())) > 1  # not just the first class folder
+    assert torch.equal(subset, real_images(cond, limit=6)[:, 0, 0, 0].round())  # a fixed subset
+    assert real_images(load_config(None, sets + [f"data.root={empty}"])) is None  # named on stderr

@@ -77,3 +77,12 @@ def test_rows_of_a_second_invocation_are_merged(tmp_path):
                          {"reward": "jpeg_compressibility", "variant": "default", "seed": 0, "gain": 4.0}])
     assert [(r["reward"], r["seed"], r["gain"]) for r in rows] == [("model", 0, 1.0), ("model", 1, 3.0),
                                                                     ("jpeg_compressibility", 0, 4.0)]
+
+
+def test_a_reward_the_config_cannot_serve_fails_before_any_run(tmp_path, capsys):
+    """The classifier reward needs class folders: on the embedded default the study stops with the key
+    named, before it pretrains anything."""
+    out = tmp_path / "study"
+    assert main(["--rewards", "classifier", "--variants", "default", "--seeds", "0", "--out", str(out)]) == 2
+    assert "reward.kind = 'classifier'" in capsys.readouterr().err
+    assert not (out / "base_seed0").exists()
