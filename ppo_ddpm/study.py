@@ -48,6 +48,7 @@ VARIANTS = {
     "default, log-odds reward": ["reward.model_output=log_odds"],
     "default, sigma_floor 0.01": ["ppo.sigma_floor=0.01"],
     "default, lr 5e-5": ["ppo.lr=0.00005"],
+    "default, lr warm-up 16": ["ppo.lr_warmup_steps=16"],
     "trajectory-mean": ["ppo.log_prob_reduction=mean"],
     "trajectory-mean, lr 2e-4": ["ppo.log_prob_reduction=mean", "ppo.lr=0.0002"],
     "per_step (DDPO)": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null", "ppo.grad_mask=ppo"],

@@ -41,6 +41,7 @@ BAD = [
     (["ppo.kl_beta=-0.1"], ["ppo.kl_beta = -0.1", ">= 0"]),
     (["ppo.iterations=-1"], ["ppo.iterations = -1", ">= 0"]),
     (["ppo.weight_decay=-1"], ["ppo.weight_decay = -1.0", ">= 0"]),
+    (["ppo.lr_warmup_steps=-1"], ["ppo.lr_warmup_steps = -1", ">= 0"]),
     (["ppo.group_min_count=40"], ["ppo.group_min_count = 40, ppo.group_buffer_size = 32", "<="]),
     (["sampling.eta=0"], ["sampling.eta = 0.0", "deterministic"]),
     (["ppo.sigma_floor=-0.1"], ["ppo.sigma_floor = -0.1", ">= 0"]),

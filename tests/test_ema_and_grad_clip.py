@@ -4,7 +4,9 @@
 - the trainer's EMA after one update equals that formula on the policy before and after;
 - ``ppo.grad_clip``: the gradient AdamW sees has norm min(||g||, clip), and the parameters after two
   optimizer steps equal AdamW (written out below) on the clipped gradients g * min(1, clip / (||g|| + 1e-6)).
-  Two steps: Adam's first step is lr * g / |g| whatever the scale of g, the second is not.
+  Two steps: Adam's first step is lr * g / |g| whatever the scale of g, the second is not;
+- ``ppo.lr_warmup_steps`` = W: optimizer step k runs at lr_k = lr * min(1, (k + 1) / W), checked the
+  same way (AdamW by hand with lr_k, weight decay included) over four steps, and across a checkpoint.
 """
 import math
 
@@ -55,10 +57,12 @@ def test_trainer_ema_follows_the_policy_by_the_formula():
 
 
 def _adamw_by_hand(p, grads, lr, wd, betas=(0.9, 0.999), eps=1e-8):
-    """torch.optim.AdamW (decoupled weight decay, bias-corrected moments) written out, float64."""
+    """torch.optim.AdamW (decoupled weight decay, bias-corrected moments) written out, float64; ``lr`` a
+    number or one per step."""
     b1, b2 = betas
+    lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(grads)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
-    for k, g in enumerate(grads, start=1):
+    for k, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
         p = p * (1 - lr * wd)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
@@ -109,3 +113,25 @@ def test_grad_clip_off_passes_the_gradient_through():
     trainer.step(0)
     assert len(grads) == 1 and grads[0].norm() > 1.0  # the default clip (1.0) would have scaled it
     torch.testing.assert_close(_flat(trainer.params) - p0, _adamw_by_hand(p0, grads, 1e-2, 0.0) - p0, rtol=1e-8, atol=1e-16)
+
+
+def test_lr_warmup_is_linear_in_the_optimizer_steps_and_survives_a_checkpoint():
+    torch.manual_seed(0)
+    lr, wd, warmup = 1e-3, 0.1, 3
+    cfg = tiny_config(num_minibatches=2, lr=lr, weight_decay=wd, lr_warmup_steps=warmup)
+    trainer = PPOTrainer(cfg, TinyEps().double(), brightness, "cpu")
+    p0 = _flat(trainer.params)
+    grads = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, a, k: grads.append(_flat(p.grad for p in trainer.params)))
+    assert trainer.step(0)["lr"] == pytest.approx(2 * lr / 3, rel=1e-12)  # steps 0, 1: lr/3, 2 lr/3
+    state = trainer.state_dict()
+    resumed = PPOTrainer(cfg, TinyEps().double(), brightness, "cpu")
+    resumed.load_state_dict(state)
+    assert resumed.optimizer_steps == 2 and resumed.lr_at(2) == lr
+    resumed.optimizer.register_step_pre_hook(lambda opt, a, k: grads.append(_flat(p.grad for p in resumed.params)))
+    assert resumed.step(1)["lr"] == lr
+    lrs = [lr * min(1.0, (k + 1) / warmup) for k in range(4)]
+    assert len(grads) == 4 and lrs[:3] == [lr / 3, 2 * lr / 3, lr]
+    torch.testing.assert_close(_flat(resumed.params) - p0, _adamw_by_hand(p0, grads, lrs, wd) - p0, rtol=1e-8, atol=1e-16)
+    without = _adamw_by_hand(p0, grads, lr, wd) - p0
+    assert ((_flat(resumed.params) - p0) - without).abs().max() > 0.1 * lr  # the warm-up changed the steps

@@ -126,6 +126,7 @@ class PPOTrainer:
         self._version = 0
         self._rollout_version: Optional[int] = None  # None: the cache holds no valid rollout
         self.num_updates = 0
+        self.optimizer_steps = 0  # taken (skipped ones excluded): the lr warm-up's clock
         self.skipped_batches = 0
         self.skipped_steps = 0
 
@@ -338,6 +339,13 @@ class PPOTrainer:
             stats["loss"] = stats["loss"] + p.kl_beta * stats["kl"]
         return dict(stats)
 
+    def lr_at(self, k: int) -> float:
+        """The learning rate of optimizer step k (0-based): lr * min(1, (k + 1) / W), W = ppo.lr_warmup_steps
+        (W = 0: lr throughout). A linear warm-up keeps Adam's first, full-size steps (|step| ~ lr per
+        parameter whatever the gradient's scale) from throwing the ratio far outside the trust region."""
+        w = self.pcfg.lr_warmup_steps
+        return self.pcfg.lr * (min(1.0, (k + 1) / w) if w > 0 else 1.0)
+
     def _apply_gradients(self) -> tuple[torch.Tensor, bool]:
         """all_reduce, non-finite check (skip + count), clip, AdamW step, EMA. -> (grad_norm, stepped)."""
         distributed.all_reduce_grads(self.params)
@@ -352,8 +360,11 @@ class PPOTrainer:
                         float(norm), self.skipped_steps)
             self.optimizer.zero_grad(set_to_none=True)
             return norm, False
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.optimizer_steps)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
         self._version += 1
         if self.ema is not None:
             ema_update_(self.ema, self.policy, self.pcfg.ema_decay)
@@ -396,6 +407,7 @@ class PPOTrainer:
             stats.update({k: float(v) / (count - 1) for k, v in ratio_totals.items()})
             stats["top_step_share"], stats["top_step"] = step_share(step_abs)
         stats["grad_norm"] = float(torch.stack(grad_norms).float().mean())
+        stats["lr"] = self.lr_at(max(self.optimizer_steps - 1, 0))  # of the update's last optimizer step
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats["time_update"] = time.perf_counter() - t0
@@ -441,8 +453,8 @@ class PPOTrainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "ref_policy": self.ref_policy.state_dict() if self.ref_policy is not None else None,
             "tracker": self.tracker.state_dict() if self.tracker is not None else None,
-            "counters": {"num_updates": self.num_updates, "skipped_batches": self.skipped_batches,
-                         "skipped_steps": self.skipped_steps},
+            "counters": {"num_updates": self.num_updates, "optimizer_steps": self.optimizer_steps,
+                         "skipped_batches": self.skipped_batches, "skipped_steps": self.skipped_steps},
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -457,5 +469,6 @@ class PPOTrainer:
                 own.load_state_dict(d[name])
         c = d["counters"]
         self.num_updates = int(c["num_updates"])
+        self.optimizer_steps = int(c.get("optimizer_steps", 0))  # absent before the lr warm-up existed
         self.skipped_batches, self.skipped_steps = int(c["skipped_batches"]), int(c["skipped_steps"])
         self.params_changed()
