@@ -447,7 +447,7 @@ class PPOConfig:
     group_min_count: int = rule(16, ge=0)
     grad_clip: Optional[float] = rule(1.0, gt=0)
     lr: float = rule(2e-5, gt=0)  # with the summed (density) ratio: clip fraction ~0.36 (docs/objective.md)
-    lr_warmup_steps: int = rule(0, ge=0)  # optimizer step k (from 0) runs at lr * min(1, (k + 1) / lr_warmup_steps)
+    lr_warmup_steps: int = rule(16, ge=0)  # step k (from 0) at lr * min(1, (k + 1) / this); 16: the first 4 iterations
     weight_decay: float = rule(0.0, ge=0)
     ema_decay: float = rule(0.0, ge=0, lt=1)  # 0: off
     kl_beta: float = rule(0.0, ge=0)

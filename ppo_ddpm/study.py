@@ -42,18 +42,20 @@ from .utils.finite import finite_or_none, format_number
 from .utils.lock import RunLock
 
 # name -> overrides of the embedded default; the first is the shipped default itself
+NO_WARMUP = ["ppo.lr_warmup_steps=0"]  # the comparison rows predate the lr warm-up: each changes one thing from "no warm-up"
 VARIANTS = {
     "default": [],
-    "default, grad_mask ppo": ["ppo.grad_mask=ppo"],
-    "default, log-odds reward": ["reward.model_output=log_odds"],
-    "default, sigma_floor 0.01": ["ppo.sigma_floor=0.01"],
-    "default, lr 5e-5": ["ppo.lr=0.00005"],
-    "default, lr warm-up 16": ["ppo.lr_warmup_steps=16"],
-    "trajectory-mean": ["ppo.log_prob_reduction=mean"],
-    "trajectory-mean, lr 2e-4": ["ppo.log_prob_reduction=mean", "ppo.lr=0.0002"],
-    "per_step (DDPO)": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null", "ppo.grad_mask=ppo"],
-    "per_step (DDPO), lr 2e-4": ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null",
-                                 "ppo.grad_mask=ppo", "ppo.lr=0.0002"],
+    "no warm-up": NO_WARMUP,
+    "no warm-up, grad_mask ppo": NO_WARMUP + ["ppo.grad_mask=ppo"],
+    "no warm-up, log-odds reward": NO_WARMUP + ["reward.model_output=log_odds"],
+    "no warm-up, sigma_floor 0.01": NO_WARMUP + ["ppo.sigma_floor=0.01"],
+    "no warm-up, lr 5e-5": NO_WARMUP + ["ppo.lr=0.00005"],
+    "trajectory-mean": NO_WARMUP + ["ppo.log_prob_reduction=mean"],
+    "trajectory-mean, lr 2e-4": NO_WARMUP + ["ppo.log_prob_reduction=mean", "ppo.lr=0.0002"],
+    "per_step (DDPO)": NO_WARMUP + ["ppo.objective=per_step", "ppo.log_prob_reduction=mean", "ppo.per_step_clip=null",
+                                    "ppo.grad_mask=ppo"],
+    "per_step (DDPO), lr 2e-4": NO_WARMUP + ["ppo.objective=per_step", "ppo.log_prob_reduction=mean",
+                                             "ppo.per_step_clip=null", "ppo.grad_mask=ppo", "ppo.lr=0.0002"],
 }
 # name -> overrides of the config's reward; "model" is the config's own reward (the embedded default's
 # real-vs-fake CNN); "classifier" needs class folders (e.g. --cfg configs/digits.yaml), so it is not run by default
@@ -227,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _merge(path: Path, rows: list[dict]) -> list[dict]:
     """The rows of an earlier results.json (other rewards, variants or seeds of this folder), updated
-    with ``rows``, ordered by reward, variant and seed as first seen."""
+    with ``rows``, ordered by reward and variant as REWARDS and VARIANTS list them (others after, by
+    name), then by seed."""
     key = lambda r: (r["reward"], r["variant"], r["seed"])  # noqa: E731
     merged = {key(r): r for r in (json.loads(path.read_text()) if path.is_file() else [])}
     merged.update({key(r): r for r in rows})
-    return list(merged.values())
+    rank = lambda names, name: (list(names).index(name) if name in names else len(names), name)  # noqa: E731
+    return sorted(merged.values(), key=lambda r: (rank(REWARDS, r["reward"]), rank(VARIANTS, r["variant"]), r["seed"]))
 
 
 def gradient_signal(cfg_file: str | None, overrides: list[str], batches: int = 4) -> dict:

@@ -3,7 +3,7 @@
 ``python -m ppo_ddpm.finetune`` with the embedded default's objective and sizes, shortened to 20 PPO
 iterations (the default runs 40). What a user measures must hold on seed 0: PPO's trust region acts
 (clip fraction within 2-40%, at least half the samples keep a gradient, no single DDIM step carries
-most of the ratio), the reward rises beyond its standard error, the samples keep their diversity and
+most of the ratio, the lr warm-up keeps the first iteration's approx-KL small), the reward rises beyond its standard error, the samples keep their diversity and
 the verdict is "improved"; and every artefact exists.
 """
 import json
@@ -45,12 +45,13 @@ def test_embedded_default_engages_ppo_and_raises_the_reward(tmp_path):
     assert [r["iteration"] for r in rows] == list(range(cfg.ppo.iterations))
     for key in ("reward_mean", "grad_norm", "samples_per_s", "loss", "time_update", "keep_frac", "clipfrac",
                 "step_clipfrac", "global_clipfrac", "log_ratio_raw_mean", "log_ratio_raw_abs_max", "approx_kl",
-                "top_step_share", "top_step"):
+                "top_step_share", "top_step", "lr"):
         assert key in rows[0], key
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731  (off-policy minibatches of each iteration)
     assert 0.02 <= mean("clipfrac") <= 0.40, mean("clipfrac")
     assert mean("keep_frac") >= 0.5, mean("keep_frac")
     assert mean("top_step_share") < 0.5, mean("top_step_share")
+    assert rows[0]["approx_kl"] < 0.5 and rows[0]["lr"] < cfg.ppo.lr == rows[-1]["lr"], rows[0]  # warm-up
     for name in ("finetuned.pth", "ddpm.pth", "reward_model.safetensors", "pipeline.json",
                  "eval/side_by_side.png", "eval/reward_hist.png", "samples/iter_000004.png"):
         assert (out / name).is_file(), name

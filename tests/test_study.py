@@ -55,7 +55,7 @@ def test_signal_shares_and_the_floor_moves_weight_off_the_nearly_noiseless_step(
     try:
         import argparse
 
-        args = argparse.Namespace(cfg=None, seeds=[0], rewards=["model"], variants=["default, sigma_floor 0.01", "floor 0.5"],
+        args = argparse.Namespace(cfg=None, seeds=[0], rewards=["model"], variants=["no warm-up, sigma_floor 0.01", "floor 0.5"],
                                   overrides=TINY + ["sampling.num_inference_steps=4"], signal_batches=2)
         rows = _signal(args, tmp_path)
     finally:
@@ -73,10 +73,14 @@ def test_rows_of_a_second_invocation_are_merged(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([{"reward": "model", "variant": "default", "seed": 0, "gain": 1.0},
                                 {"reward": "model", "variant": "default", "seed": 1, "gain": 2.0}]))
-    rows = _merge(path, [{"reward": "model", "variant": "default", "seed": 1, "gain": 3.0},
-                         {"reward": "jpeg_compressibility", "variant": "default", "seed": 0, "gain": 4.0}])
-    assert [(r["reward"], r["seed"], r["gain"]) for r in rows] == [("model", 0, 1.0), ("model", 1, 3.0),
-                                                                    ("jpeg_compressibility", 0, 4.0)]
+    rows = _merge(path, [{"reward": "jpeg_compressibility", "variant": "default", "seed": 0, "gain": 4.0},
+                         {"reward": "model", "variant": "mine", "seed": 0, "gain": 5.0},
+                         {"reward": "model", "variant": "trajectory-mean", "seed": 0, "gain": 6.0},
+                         {"reward": "model", "variant": "default", "seed": 1, "gain": 3.0}])
+    # by reward and variant in the order the study lists them (a variant it does not list last), then seed
+    assert [(r["reward"], r["variant"], r["seed"], r["gain"]) for r in rows] == [
+        ("model", "default", 0, 1.0), ("model", "default", 1, 3.0), ("model", "trajectory-mean", 0, 6.0),
+        ("model", "mine", 0, 5.0), ("jpeg_compressibility", "default", 0, 4.0)]
 
 
 def test_a_reward_the_config_cannot_serve_fails_before_any_run(tmp_path, capsys):

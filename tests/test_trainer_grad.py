@@ -61,6 +61,7 @@ def tiny_config(deterministic_last: bool = False, **ppo) -> Config:
     cfg.sampling.set_alpha_to_one = deterministic_last
     cfg.ppo.batch_size, cfg.ppo.microbatch = 8, 3  # uneven micro-batches
     cfg.ppo.num_epochs = cfg.ppo.num_minibatches = 1  # one update per rollout unless a test says otherwise
+    cfg.ppo.lr_warmup_steps = 0  # every optimizer step at ppo.lr, likewise
     cfg.ppo.use_kernels = False
     cfg.ppo.sigma_floor = 0.1
     for k, v in ppo.items():
