@@ -233,7 +233,9 @@ def _merge(path: Path, rows: list[dict]) -> list[dict]:
     name), then by seed."""
     key = lambda r: (r["reward"], r["variant"], r["seed"])  # noqa: E731
     merged = {key(r): r for r in (json.loads(path.read_text()) if path.is_file() else [])}
-    merged.update({key(r): r for r in rows})
+    for r in rows:  # a run trained earlier is only re-evaluated now: it keeps the wall time recorded then
+        earlier = merged.get(key(r), {})
+        merged[key(r)] = {**r, "wall_s": earlier.get("wall_s")} if r.get("wall_s") is None else r
     rank = lambda names, name: (list(names).index(name) if name in names else len(names), name)  # noqa: E731
     return sorted(merged.values(), key=lambda r: (rank(REWARDS, r["reward"]), rank(VARIANTS, r["variant"]), r["seed"]))
 

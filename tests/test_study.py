@@ -31,7 +31,8 @@ def test_a_study_run_again_reuses_everything(tmp_path, capsys):
     assert "[pipeline] pretrain: done earlier" in second and "[pipeline] reward: done earlier" in second
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("finetuned.pth")} == finished  # not retrained
     again = json.loads((out / "results.json").read_text())
-    assert again[0]["gain"] == rows[0]["gain"] and again[0]["wall_s"] is None  # same evaluation; nothing trained
+    assert again[0]["gain"] == rows[0]["gain"]  # the same evaluation
+    assert again[0]["wall_s"] == rows[0]["wall_s"] > 0  # nothing trained: the first training's wall time is kept
 
 
 def test_unknown_values_read_n_a():
@@ -71,16 +72,17 @@ def test_rows_of_a_second_invocation_are_merged(tmp_path):
     from ppo_ddpm.study import _merge
 
     path = tmp_path / "results.json"
-    path.write_text(json.dumps([{"reward": "model", "variant": "default", "seed": 0, "gain": 1.0},
-                                {"reward": "model", "variant": "default", "seed": 1, "gain": 2.0}]))
+    path.write_text(json.dumps([{"reward": "model", "variant": "default", "seed": 0, "gain": 1.0, "wall_s": 9.0},
+                                {"reward": "model", "variant": "default", "seed": 1, "gain": 2.0, "wall_s": 8.0}]))
     rows = _merge(path, [{"reward": "jpeg_compressibility", "variant": "default", "seed": 0, "gain": 4.0},
                          {"reward": "model", "variant": "mine", "seed": 0, "gain": 5.0},
                          {"reward": "model", "variant": "trajectory-mean", "seed": 0, "gain": 6.0},
-                         {"reward": "model", "variant": "default", "seed": 1, "gain": 3.0}])
+                         {"reward": "model", "variant": "default", "seed": 1, "gain": 3.0, "wall_s": None}])
     # by reward and variant in the order the study lists them (a variant it does not list last), then seed
     assert [(r["reward"], r["variant"], r["seed"], r["gain"]) for r in rows] == [
         ("model", "default", 0, 1.0), ("model", "default", 1, 3.0), ("model", "trajectory-mean", 0, 6.0),
         ("model", "mine", 0, 5.0), ("jpeg_compressibility", "default", 0, 4.0)]
+    assert rows[1]["wall_s"] == 8.0  # only re-evaluated: the wall time of its training is kept
 
 
 def test_a_reward_the_config_cannot_serve_fails_before_any_run(tmp_path, capsys):
