@@ -293,7 +293,8 @@ SEED_BOUND = 2**63  # seeds are offset (rank, batch index) and must stay non-neg
 
 @dataclass
 class ModelConfig:
-    """UNet size. ``pretrained`` is a ``ddpm.pth`` / ``.safetensors`` file or a diffusers folder."""
+    """UNet size. ``pretrained`` is a ``ddpm.pth`` / ``.safetensors`` file or a diffusers folder (whose
+    config.json then gives sample_size, in_channels and num_classes, unless the YAML sets them)."""
 
     sample_size: int = rule(16, ge=1)
     in_channels: int = rule(3, check=lambda c: need(c == 3, "must be 3: image folders and rewards are RGB"))
@@ -320,7 +321,7 @@ class ModelConfig:
 class ScheduleConfig:
     """Training noise schedule beta_1..beta_T (DDPM, Ho et al. 2020; cosine: Nichol & Dhariwal 2021;
     scaled_linear: Stable Diffusion's). With a diffusers folder in ``model.pretrained`` the keys not set
-    in the YAML follow its scheduler_config.json (``ppo_ddpm.ddpm.diffusers_scheduler``)."""
+    in the YAML follow its scheduler_config.json (``ppo_ddpm.ddpm.diffusers_config``)."""
 
     kind: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_train_timesteps: int = rule(1000, ge=1)
@@ -727,9 +728,9 @@ def read_config_file(path: str | Path) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, validate: bool = False,
                 sections: Optional[tuple[str, ...]] = None) -> Config:
     """Load ``path`` (or the embedded default when None), then apply ``overrides``; with a diffusers folder in
-    ``model.pretrained`` the keys left unset follow its scheduler_config.json (``ddpm.diffusers_scheduler``).
+    ``model.pretrained`` the keys left unset follow its scheduler_config.json and config.json (``ddpm.diffusers_config``).
     With ``validate`` check every rule (of ``sections`` only, if given: see :func:`validate_config`), naming
-    each bad value's file, ``--set`` or scheduler config."""
+    each bad value's file, ``--set`` or diffusers folder config."""
     data: dict = {}
     source = "<embedded default>"
     origins: dict[str, str] = {}
@@ -741,12 +742,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = f"{source} + --set"
         data = apply_overrides(data, overrides)
         origins.update(dict.fromkeys(flatten(apply_overrides({}, overrides)), "--set"))
-    from .ddpm.diffusers_scheduler import apply_pretrained_scheduler  # a diffusers folder brings its scheduler config
+    from .ddpm.diffusers_config import apply_pretrained_folder  # a diffusers folder brings its scheduler and UNet configs
 
     given = config_from_dict(data, source)
-    cfg = apply_pretrained_scheduler(given, data, source)
+    cfg = apply_pretrained_folder(given, data, source)
     if cfg is not given:
-        origins.update({k: f"{cfg.model.pretrained} (scheduler config)" for k in flatten(config_to_dict(cfg))
+        origins.update({k: f"{cfg.model.pretrained} (diffusers config)" for k in flatten(config_to_dict(cfg))
                         if k not in origins and get_dotted(cfg, k) != get_dotted(given, k)})
     return validate_config(cfg, origins, sections) if validate else cfg
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import Config, add_config_args, config_from_args
-from .ddpm.diffusers_scheduler import ddim_scheduler_config
+from .ddpm.diffusers_config import ddim_scheduler_config
 from .ddpm.diffusers_unet import DiffusersUNet
 from .ddpm.model import load_model, unwrap
 from .ddpm.unet import UNet

@@ -22,13 +22,14 @@ SCHEDULER = dict(num_train_timesteps=500, beta_start=0.0005, beta_end=0.015, bet
                  timestep_spacing="leading")
 
 
+UNET2D = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+              down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+              norm_num_groups=4, attention_head_dim=8)
+
+
 def _unet2d():
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8,
-    ).eval()
+    return diffusers.UNet2DModel(**UNET2D).eval()
 
 
 @pytest.fixture
@@ -84,6 +85,32 @@ def test_a_sampler_key_in_the_yaml_overrides_with_a_warning(pipeline_folder, tmp
         cfg = load_config(path)
     assert cfg.sampling.clip_x0 == 2.0 and cfg.sampling.steps_offset == 1
     assert "'sampling.clip_x0' = 2.0 overrides None" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["pipeline", "unet_subfolder"])
+def test_model_sizes_follow_the_unet_config_when_the_yaml_is_silent(pipeline_folder, where):
+    """config.json gives model.sample_size (8 here, the default is 16), and data.image_size with it;
+    the model then loads against the config with no size written anywhere."""
+    folder = pipeline_folder if where == "pipeline" else pipeline_folder / "unet"
+    cfg = load_config(None, [f"model.pretrained={folder}"], validate=True)
+    assert (cfg.model.sample_size, cfg.data.image_size, cfg.model.in_channels, cfg.model.num_classes) == (8, 8, 3, 0)
+    assert load_model(folder, cfg.model).sample_size == 8
+
+
+def test_a_model_size_set_otherwise_is_a_named_error_and_class_embeds_are_classes(pipeline_folder, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"model.pretrained={pipeline_folder}", "model.sample_size=16"])
+    msg = str(e.value)
+    assert "'model.sample_size' is 16" in msg and "gives 8" in msg and str(pipeline_folder / "unet" / "config.json") in msg
+    with pytest.raises(ConfigError, match="data.image_size must equal model.sample_size"):  # the images must match the model
+        load_config(None, [f"model.pretrained={pipeline_folder}", "data.image_size=16"], validate=True)
+    conditional = tmp_path / "conditional"
+    diffusers.UNet2DModel(**{**UNET2D, "num_class_embeds": 4}).save_pretrained(conditional)
+    assert load_config(None, [f"model.pretrained={conditional}"]).model.num_classes == 4
+    bad = json.loads((conditional / "config.json").read_text())
+    (conditional / "config.json").write_text(json.dumps({**bad, "sample_size": [8, 16]}))
+    with pytest.raises(ConfigError, match=r"sample_size=\[8, 16\]: ppo_ddpm samples square images"):
+        load_config(None, [f"model.pretrained={conditional}"])
 
 
 def test_unsupported_or_missing_scheduler_configs(pipeline_folder, tmp_path, caplog):
@@ -225,12 +252,14 @@ def test_configs_diffusers_yaml_passes_validation(pipeline_folder, tmp_path, cap
     from ppo_ddpm.finetune import main as finetune_main
 
     yaml_path = Path(__file__).resolve().parents[1] / "configs" / "diffusers.yaml"
-    sets = [f"model.pretrained={pipeline_folder}", "model.sample_size=8", "data.image_size=8", f"output_dir={tmp_path / 'run'}"]
+    sets = [f"model.pretrained={pipeline_folder}", f"output_dir={tmp_path / 'run'}"]  # sizes from the folder (8)
     cfg = load_config(yaml_path, sets, validate=True)
+    assert (cfg.model.sample_size, cfg.data.image_size) == (8, 8)
     assert cfg.model.attention_resolutions == [8] and cfg.sampling.steps_offset == 1  # [8] is no resolution of our UNet
     with pytest.raises(ConfigError, match="model.attention_resolutions = \\[8\\]"):
-        load_config(yaml_path, [f"output_dir={tmp_path / 'run'}"], validate=True)  # our 32 px UNet: it is checked
+        load_config(yaml_path, [f"output_dir={tmp_path / 'run'}", "model.sample_size=32", "data.image_size=32"],
+                    validate=True)  # no folder: our own 32 px UNet, whose attention resolutions are checked
     bad = sets + ["sampling.num_inference_steps=500", "sampling.spacing=leading"]  # leading + the folder's steps_offset 1
     assert finetune_main(["--cfg", str(yaml_path)] + [a for s in bad for a in ("--set", s)]) == 2
     err = capsys.readouterr().err
-    assert "sampling.steps_offset = 1" in err and "outside [0, 499]" in err and f"{pipeline_folder} (scheduler config)" in err
+    assert "sampling.steps_offset = 1" in err and "outside [0, 499]" in err and f"{pipeline_folder} (diffusers config)" in err

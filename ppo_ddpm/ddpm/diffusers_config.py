@@ -1,6 +1,5 @@
-"""A diffusers scheduler config <-> the ``schedule`` / ``sampling`` / ``model.prediction_type`` keys.
-
-One table (``KEYS``) serves both directions:
+"""A diffusers folder's configs <-> our keys: its scheduler config <-> the ``schedule`` / ``sampling`` /
+``model.prediction_type`` keys, and its UNet's config.json -> the ``model`` size keys.
 
     scheduler_config.json          our config key
     beta_schedule                  schedule.kind   (linear, scaled_linear; squaredcos_cap_v2 = cosine)
@@ -12,12 +11,17 @@ One table (``KEYS``) serves both directions:
     steps_offset                   sampling.steps_offset
     timestep_spacing               sampling.spacing
 
+    UNet config.json               our config key
+    sample_size                    model.sample_size (and data.image_size, when the YAML leaves it out)
+    in_channels                    model.in_channels
+    num_class_embeds               model.num_classes (null = 0)
+
 Reading (``model.pretrained`` is a diffusers folder, applied by ``config.load_config``): a key the
 YAML / ``--set`` leaves out follows the folder (logged). A key they set explicitly:
 
-- **model keys** (``schedule.*``, ``model.prediction_type``) must equal the folder's value, else a
-  :class:`ConfigError` naming both: the network was trained with that schedule and output type, so
-  another value would silently sample a different process;
+- **model keys** (``schedule.*``, ``model.*``) must equal the folder's value, else a
+  :class:`ConfigError` naming both: the network was trained with that schedule, output type and size,
+  so another value would silently sample a different process (or fail at the first forward);
 - **sampler keys** (``sampling.*``) are sampler choices: the YAML wins and the override is logged
   as a warning.
 
@@ -37,7 +41,8 @@ from ..config import Config, ConfigError, flatten, get_dotted
 log = logging.getLogger(__name__)
 
 SCHEDULE_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}  # diffusers -> ours
-MODEL_KEYS = ("schedule.kind", "schedule.num_train_timesteps", "schedule.beta_start", "schedule.beta_end", "model.prediction_type")
+MODEL_KEYS = ("schedule.kind", "schedule.num_train_timesteps", "schedule.beta_start", "schedule.beta_end", "model.prediction_type",
+              "model.sample_size", "model.in_channels", "model.num_classes")
 SAMPLER_KEYS = ("sampling.clip_x0", "sampling.set_alpha_to_one", "sampling.steps_offset", "sampling.spacing")
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -81,6 +86,32 @@ def scheduler_values(sc: dict, path: str | Path) -> dict[str, object]:
     return out
 
 
+def unet_values(uc: dict, path: str | Path) -> dict[str, object]:
+    """Our dotted config keys -> values, from a UNet2DModel config.json dict (only the keys it holds)."""
+    out: dict[str, object] = {}
+    if "sample_size" in uc:
+        size = uc["sample_size"]
+        sizes = size if isinstance(size, (list, tuple)) else [size]
+        if len(set(sizes)) != 1 or not all(isinstance(v, int) for v in sizes):
+            raise ConfigError(f"{path}: sample_size={size!r}: ppo_ddpm samples square images (one int, or [n, n])")
+        out["model.sample_size"] = sizes[0]
+    if "in_channels" in uc:
+        out["model.in_channels"] = int(uc["in_channels"])
+    if "num_class_embeds" in uc:
+        out["model.num_classes"] = int(uc["num_class_embeds"] or 0)
+    return out
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read the {what}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
 def ddim_scheduler_config(cfg: Config) -> dict:
     """The DDIMScheduler config (``DDIMScheduler.from_config``) that samples as ``cfg`` does."""
     kinds = {v: k for k, v in SCHEDULE_KINDS.items()}
@@ -100,40 +131,48 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def apply_pretrained_scheduler(cfg: Config, data: dict | None = None, source: str = "<config>") -> Config:
-    """``cfg`` with the scheduler config of the diffusers folder ``model.pretrained`` applied (module
-    docstring); ``data``: the mapping the config was built from (its keys are the explicit ones).
-    Returns ``cfg`` itself when ``model.pretrained`` is not a folder, else a changed copy."""
+def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str = "<config>") -> Config:
+    """``cfg`` with the configs of the diffusers folder ``model.pretrained`` applied (module docstring):
+    its scheduler config and its UNet's config.json; ``data``: the mapping the config was built from (its
+    keys are the explicit ones). Returns ``cfg`` itself when ``model.pretrained`` is not a folder, else a
+    changed copy."""
+    from .diffusers_unet import unet_folder
+
     folder = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if folder is None or not folder.is_dir():
         return cfg
+    values: list[tuple[dict, Path]] = []
     path = find_scheduler_config(folder)
     if path is None:
         log.warning("model.pretrained=%s has no scheduler_config.json (beside config.json or in scheduler/): "
                     "the schedule, sampling and model.prediction_type keys of %s are used as given", folder, source)
-        return cfg
+    else:
+        values.append((scheduler_values(_read_json(path, "scheduler config"), path), path))
     try:
-        sc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read the scheduler config: {e}") from None
-    if not isinstance(sc, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+        unet_json = unet_folder(folder) / "config.json"
+    except FileNotFoundError:
+        unet_json = None  # not a diffusers folder: loading the model names the problem
+    if unet_json is not None:
+        values.append((unet_values(_read_json(unet_json, "UNet config"), unet_json), unet_json))
     explicit = set(flatten(data or {}))
     cfg = copy.deepcopy(cfg)
-    for key, value in scheduler_values(sc, path).items():
-        ours = get_dotted(cfg, key)
-        if key not in explicit:
-            if not _same(ours, value):
-                log.info("%s = %r from %s", key, value, path)
-            section, name = key.split(".")
-            setattr(getattr(cfg, section), name, value)
-        elif _same(ours, value):
-            continue
-        elif key in MODEL_KEYS:
-            raise ConfigError(
-                f"{source}: key '{key}' is {ours!r} but the pretrained model's {path} gives {value!r}; the network "
-                f"was trained with that value: remove '{key}' from the config (it then follows the folder) or set it to {value!r}"
-            )
-        else:
-            log.warning("%s: key '%s' = %r overrides %r from %s", source, key, ours, value, path)
+    for found, path in values:
+        if "model.sample_size" in found and "data.image_size" not in explicit:
+            found = {**found, "data.image_size": found["model.sample_size"]}  # images load at the model's size
+        for key, value in found.items():
+            ours = get_dotted(cfg, key)
+            if key not in explicit:
+                if not _same(ours, value):
+                    log.info("%s = %r from %s", key, value, path)
+                section, name = key.split(".")
+                setattr(getattr(cfg, section), name, value)
+            elif _same(ours, value):
+                continue
+            elif key in MODEL_KEYS:
+                raise ConfigError(
+                    f"{source}: key '{key}' is {ours!r} but the pretrained model's {path} gives {value!r}; the network "
+                    f"was trained with that value: remove '{key}' from the config (it then follows the folder) or set it to {value!r}"
+                )
+            else:
+                log.warning("%s: key '%s' = %r overrides %r from %s", source, key, ours, value, path)
     return cfg
