@@ -42,7 +42,7 @@ from .ddpm.model import load_model
 from .ddpm.sample import ddim_loop, ddim_sample
 from .plots import BASE_COLOUR, FT_COLOUR, per_step_figure, reward_curve, reward_histogram, save_figure, upscale
 from .ppo.rollout import check_policy_steps
-from .quality import IMAGE_STATS, RandomFeatures, image_stats, kid, mean_pairwise_distance
+from .quality import IMAGE_STATS, RandomFeatures, image_stats, kid_from_features, mean_pairwise_distance
 from .utils import resolve_device
 from .utils.checkpoint import CheckpointError, atomic_write_text
 from .utils.cli import run_cli
@@ -145,12 +145,14 @@ def _diversity(x: torch.Tensor) -> float | None:
     return finite_or_none(mean_pairwise_distance(x)) if len(x) > 1 else None
 
 
-def _image_report(x: torch.Tensor, real: torch.Tensor | None, features) -> dict:
-    """``quality.image_stats`` of samples x [N, 3, S, S] (finite ones) and, with real images, their KID to
-    them; a value that cannot be measured (no samples, fewer than two for KID, overflow) is None."""
+def _image_report(x: torch.Tensor, real_features: torch.Tensor | None, features) -> dict:
+    """``quality.image_stats`` of samples x [N, 3, S, S] (finite ones) and, given the real images' features
+    [M, F] (``features`` of them, computed once per evaluation), the KID (``quality.kid``) of x to them; a
+    value that cannot be measured (no samples, fewer than two for KID, overflow) is None."""
     stats = dict.fromkeys(IMAGE_STATS) if len(x) == 0 else {k: finite_or_none(v) for k, v in image_stats(x).items()}
-    if real is not None:
-        stats["kid"] = finite_or_none(kid(x, real, features)) if len(x) > 1 and len(real) > 1 else None
+    if real_features is not None:
+        stats["kid"] = (finite_or_none(kid_from_features(features(x.cpu()), real_features))
+                        if len(x) > 1 and len(real_features) > 1 else None)
     return stats
 
 
@@ -264,8 +266,9 @@ def evaluate(cfg: Config, base_path: str, finetuned_path: str, step: int | None 
                       gain_over_control_se=_paired_se(r["finetuned"], r["control"]))
     real = real_images(cfg)
     features = RandomFeatures()
+    real_features = features(real.cpu()) if real is not None else None
     for name, images in finite_x.items():
-        result[name] = _image_report(images, real, features)
+        result[name] = _image_report(images, real_features, features)
     if real is not None:
         result["real"] = {**image_stats(real), "num_images": int(real.shape[0])}
     result["verdict"], result["verdict_reasons"] = verdict(result)

@@ -92,7 +92,9 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _train_means(run_dir: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from .report import read_metrics
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
     values = {k: [r[k] for r in rows if k in r] for k in TRAIN_KEYS}  # absent (e.g. one epoch): None, not 0
     return {k: finite_or_none(sum(v) / len(v)) if v else None for k, v in values.items()}
 
@@ -128,13 +130,18 @@ def train(cfg_file: str | None, overrides: list[str], path: Path) -> float | Non
     return time.perf_counter() - t0
 
 
+def run_overrides(base_sets: list[str], variant: str, reward_sets: list[str]) -> list[str]:
+    """The overrides of one run: a seed's base, a variant, a reward (``REWARDS[name]`` or ``CONTROL``)."""
+    return base_sets + VARIANTS[variant] + reward_sets
+
+
 def evaluate_row(cfg_file: str | None, base_sets: list[str], variant: str, reward: str, seed: int, out: Path,
                  wall_s: float | None) -> dict:
     """Evaluate the fine-tuned model against the base and the control; summarise one row."""
     from .eval import evaluate
 
     run, ctrl = run_dirs(out, variant, reward, seed)
-    cfg = load_config(cfg_file, base_sets + VARIANTS[variant] + REWARDS[reward] + [f"output_dir={run}"])
+    cfg = load_config(cfg_file, run_overrides(base_sets, variant, REWARDS[reward]) + [f"output_dir={run}"])
     result = evaluate(cfg, cfg.model.pretrained, str(run / "finetuned.pth"), control_path=str(ctrl / "finetuned.pth"))
     grid = out / "grids" / f"{_slug(reward)}-{_slug(variant)}-seed{seed}.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +301,7 @@ def _signal(args: argparse.Namespace, out: Path) -> list[dict]:
         base = prepare_base(args.cfg, s, out, args.overrides) + args.overrides
         for r in args.rewards:
             for v in args.variants:
-                sig = gradient_signal(args.cfg, base + VARIANTS[v] + REWARDS[r], args.signal_batches)
+                sig = gradient_signal(args.cfg, run_overrides(base, v, REWARDS[r]), args.signal_batches)
                 rows.append({"reward": r, "variant": v, "seed": s, **sig})
     return rows
 
@@ -306,8 +313,8 @@ def _study(args: argparse.Namespace, out: Path) -> list[dict]:
     trainings = {}  # run folder -> overrides; each control once per (variant, seed)
     for v, r, s in rows_keys:
         run, ctrl = run_dirs(out, v, r, s)
-        trainings[run] = bases[s] + VARIANTS[v] + REWARDS[r]
-        trainings[ctrl] = bases[s] + VARIANTS[v] + CONTROL
+        trainings[run] = run_overrides(bases[s], v, REWARDS[r])
+        trainings[ctrl] = run_overrides(bases[s], v, CONTROL)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         walls = dict(zip(trainings, pool.map(lambda item: train(args.cfg, item[1], item[0]), trainings.items())))
     return [evaluate_row(args.cfg, bases[s], v, r, s, out, walls[run_dirs(out, v, r, s)[0]]) for v, r, s in rows_keys]
