@@ -47,7 +47,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
 import yaml
 
@@ -540,6 +540,11 @@ def flatten(data: dict, prefix: str = "") -> dict:
     for k, v in data.items():
         out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def key_matches(key: str, patterns: Iterable[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``patterns`` or lies under one that ends with '.' (a section)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
 def _walk(obj: Any, prefix: str, found: list[tuple[tuple[str, ...], str]], bad: set[str],

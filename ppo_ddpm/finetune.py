@@ -167,7 +167,7 @@ def finetune(cfg: Config, resume: str | None = None, overwrite: bool = False) ->
                 if stopping or (it + 1) % cfg.logging.ckpt_every == 0 or it + 1 == total:
                     path = checkpoint(it + 1)
                 if stopping:
-                    raise RunStopped(f"stopped after iteration {it + 1}/{total}; checkpoint {path}", path)
+                    raise RunStopped(f"stopped after iteration {it + 1}/{total}; checkpoint {path}")
             bar.close()
     except Interrupted:
         raise RunStopped(f"iteration abandoned; the checkpoints are intact: {kept()}") from None

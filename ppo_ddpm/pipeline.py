@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, config_to_dict, flatten
+from .config import Config, config_to_dict, flatten, key_matches
 from .utils.checkpoint import atomic_write_text, refuse_overwrite
 
 STATE_FILE = "pipeline.json"
@@ -111,7 +111,7 @@ STAGES = (
 
 def _stage_config(cfg: Config, stage: Stage) -> dict:
     flat = flatten(config_to_dict(cfg))
-    picked = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in stage.keys)}
+    picked = {k: v for k, v in flat.items() if key_matches(k, stage.keys)}
     return {**picked, **stage.derived(cfg)}
 
 

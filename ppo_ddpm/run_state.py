@@ -24,7 +24,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, config_from_dict, config_to_dict, flatten
+from .config import Config, ConfigError, config_from_dict, config_to_dict, flatten, key_matches
 from .utils.checkpoint import (
     CheckpointError, atomic_copy, atomic_save, atomic_write_text, remove_stale_temp_files, safe_load, zip_intact,
 )
@@ -137,10 +137,6 @@ def _read(path: Path, fmt: str) -> dict:
 # --------------------------------------------------------------------------- config on resume
 
 
-def _matches(key: str, patterns: Iterable[str]) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
-
-
 def check_resumed_config(path: Path, saved: dict, cfg: Config, keys: Iterable[str] = ("",), name: str = "resume") -> None:
     """Refuse (CheckpointError naming ``path`` and the key) a ``cfg`` whose keys under the prefixes
     ``keys`` differ from the checkpoint's config ``saved``, outside RESUMABLE; print differing paths."""
@@ -151,7 +147,7 @@ def check_resumed_config(path: Path, saved: dict, cfg: Config, keys: Iterable[st
     now = flatten(config_to_dict(cfg))
     keys = tuple(keys)
     for key, value in saved.items():
-        if not any(key.startswith(k) for k in keys) or _matches(key, RESUMABLE) or now.get(key) == value:
+        if not any(key.startswith(k) for k in keys) or key_matches(key, RESUMABLE) or now.get(key) == value:
             continue
         if key in PATH_KEYS:
             print(f"[{name}] {key} is {now.get(key)!r} now, {value!r} in {path}; using {now.get(key)!r}",

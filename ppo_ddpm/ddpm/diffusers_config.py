@@ -31,19 +31,18 @@ another ``beta_schedule``) is a ConfigError naming the file and the key. Writing
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from pathlib import Path
 
 from ..config import Config, ConfigError, flatten, get_dotted
+from ..utils.checkpoint import CheckpointError, read_json
 
 log = logging.getLogger(__name__)
 
 SCHEDULE_KINDS = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}  # diffusers -> ours
 MODEL_KEYS = ("schedule.kind", "schedule.num_train_timesteps", "schedule.beta_start", "schedule.beta_end", "model.prediction_type",
               "model.sample_size", "model.in_channels", "model.num_classes")
-SAMPLER_KEYS = ("sampling.clip_x0", "sampling.set_alpha_to_one", "sampling.steps_offset", "sampling.spacing")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -103,13 +102,11 @@ def unet_values(uc: dict, path: str | Path) -> dict[str, object]:
 
 
 def _read_json(path: Path, what: str) -> dict:
+    """``utils.checkpoint.read_json``, its errors (and any OSError) as a ConfigError naming ``what``."""
     try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{path}: cannot read the {what}: {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
+        return read_json(path)
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"cannot read the {what}: {e}") from None
 
 
 def ddim_scheduler_config(cfg: Config) -> dict:

@@ -4,7 +4,7 @@
         for k in ...:
             ...one step...
             if stop.requested:
-                save a checkpoint; raise RunStopped(f"stopped after step {k + 1}", checkpoint)
+                save a checkpoint; raise RunStopped(f"stopped after step {k + 1}; checkpoint {path}")
 
 The first signal only sets ``stop.requested`` (the step in flight finishes); a second raises
 :class:`Interrupted` at once, abandoning the step (the last checkpoint stays). CLIs turn a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
 
 
@@ -24,11 +23,7 @@ class Interrupted(BaseException):
 
 
 class RunStopped(Exception):
-    """A run stopped on request after writing ``checkpoint``; it can be resumed."""
-
-    def __init__(self, message: str, checkpoint: Optional[Path] = None):
-        super().__init__(message)
-        self.checkpoint = checkpoint
+    """A run stopped on request after writing a checkpoint (its message names it); it can be resumed."""
 
 
 class GracefulStop:
