@@ -102,6 +102,7 @@ def fit_reward_cnn(
     k = max(1, batch_size // num_classes)
     model.train()
     losses: list[float] = []
+    held_x, held_y = images[held_idx], labels[held_idx]
     bar = tqdm(range(steps), desc="reward model", disable=not progress, dynamic_ncols=True)
     for _ in bar:
         idx = torch.cat([pc[torch.randint(len(pc), (k,), generator=g)] for pc in per_class])
@@ -112,10 +113,10 @@ def fit_reward_cnn(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
         losses.append(loss.item())
-        log_progress(writer, len(losses), steps, losses, model, images[held_idx], labels[held_idx])
-    acc = accuracy(model, images[held_idx], labels[held_idx])
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        log_progress(writer, len(losses), steps, losses, model, held_x, held_y)
+    acc = accuracy(model, held_x, held_y)
     return freeze(model), acc
 
 

@@ -219,6 +219,8 @@ class PPOTrainer:
         states = self.cache.states  # row i - 1 holds state i
         action = states[steps, rows].to(self.dtype)
         before = states[(steps - 1).clamp_min(0), rows].to(self.dtype)
+        if 0 not in self.trained_steps:  # no step starts from x_T (e.g. train_last_k): nothing to select
+            return before, action
         at_start = (steps == 0).view(-1, *(1,) * (before.dim() - 1))
         return torch.where(at_start, self._noise.x_T[rows], before), action
 
