@@ -131,10 +131,7 @@ def timed_round(fn, setup=None, inner: int = INNER):
             setup()
             sync()
             info["setup_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        info["first_call_s"] = time.perf_counter() - t0
+        info["first_call_s"] = first_call_s(fn)
         for _ in range(WARMUP_CALLS):
             fn()
         sync()

@@ -83,12 +83,11 @@ def per_step_figure(timesteps, values, ylabel: str, title: str) -> Figure:
     return fig
 
 
-def figure_array(fig: Figure, close: bool = True) -> np.ndarray:
-    """The rendered figure as uint8 [H, W, 3]."""
+def figure_array(fig: Figure) -> np.ndarray:
+    """The rendered figure as uint8 [H, W, 3]; the figure is closed."""
     fig.canvas.draw()
     rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    if close:
-        plt.close(fig)
+    plt.close(fig)
     return rgb
 
 
@@ -96,11 +95,10 @@ def save_figure(fig: Figure, path: str | Path) -> tuple[Path, np.ndarray]:
     """Write ``fig`` as a PNG and return (path, its uint8 [H, W, 3] array); the figure is closed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = figure_array(fig, close=False)
+    array = figure_array(fig)
     from PIL import Image
 
     Image.fromarray(array, "RGB").save(path)
-    plt.close(fig)
     return path, array
 
 

@@ -79,7 +79,8 @@ fi
 if (( HAS_CUDA )); then
   stage kernels 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_ddim_step.py tests/test_kernel_gaussian_log_ratio.py \
     tests/test_kernel_ppo_trajectory.py tests/test_kernel_multiblock.py
-  stage cuda 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+  # the kernels stage already ran test_kernel_multiblock.py whole, its CUDA-marked B=64 cases included
+  stage cuda 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests --ignore=tests/test_kernel_multiblock.py
 else
   skip kernels "$NO_GPU; the CPU suite runs them in Triton's interpreter"
   skip cuda "$NO_GPU"
