@@ -93,13 +93,10 @@ def figure_array(fig: Figure) -> np.ndarray:
 
 def save_figure(fig: Figure, path: str | Path) -> tuple[Path, np.ndarray]:
     """Write ``fig`` as a PNG and return (path, its uint8 [H, W, 3] array); the figure is closed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = figure_array(fig)
-    from PIL import Image
+    from .data import save_png
 
-    Image.fromarray(array, "RGB").save(path)
-    return path, array
+    array = figure_array(fig)
+    return save_png(array, path), array
 
 
 def upscale(image: np.ndarray, min_width: int = 256) -> np.ndarray:

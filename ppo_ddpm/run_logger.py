@@ -85,16 +85,12 @@ class RunLogger:
         the same noise every time, so the curves show drift, collapse and noise textures as they happen)."""
         if not self.enabled:
             return
-        from PIL import Image
-
-        from .data import make_grid
+        from .data import make_grid, save_png
         from .plots import upscale
         from .quality import image_stats
 
         grid = upscale(make_grid(x0.float().cpu(), nrow=4), GRID_WIDTH)
-        path = self.out / "samples" / f"iter_{iteration + 1:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid, "RGB").save(path)
+        save_png(grid, self.out / "samples" / f"iter_{iteration + 1:06d}.png")
         if self.writer is not None:
             self.writer.add_image("samples", grid, iteration, dataformats="HWC")
             if bool(torch.isfinite(x0).all()):

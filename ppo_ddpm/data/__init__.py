@@ -8,6 +8,7 @@ from .images import (
     make_grid,
     save_grid,
     save_images,
+    save_png,
     to_uint8,
 )
 from .procedural import make_procedural_dataset, procedural_images, resolve_data_root
@@ -24,5 +25,6 @@ __all__ = [
     "resolve_data_root",
     "save_grid",
     "save_images",
+    "save_png",
     "to_uint8",
 ]

@@ -144,10 +144,14 @@ def make_grid(x: torch.Tensor, nrow: int = 8, padding: int = 1, what: str = "mak
     return grid
 
 
-def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> Path:
-    """Write ``make_grid(x, nrow, padding)`` as a PNG (parent folders created); returns the path."""
-    grid = make_grid(x, nrow, padding, what="save_grid")
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 [H, W, 3] image as an RGB PNG (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid, "RGB").save(path)
+    Image.fromarray(image, "RGB").save(path)
     return path
+
+
+def save_grid(x: torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 1) -> Path:
+    """Write ``make_grid(x, nrow, padding)`` as a PNG (parent folders created); returns the path."""
+    return save_png(make_grid(x, nrow, padding, what="save_grid"), path)
