@@ -131,17 +131,18 @@ def rollout_loop(policy, plan: DDIMPlan, cache, noise: RolloutNoise, step_noise:
               clip_x0=clip_x0, sigma_floor=sigma_floor, prediction_type=prediction_type, store=cache.state, visit=record)
 
 
-def ratio_loop(policy, plan: DDIMPlan, cache, x_T: torch.Tensor, rows: torch.Tensor, labels, steps: list[int],
-               out: torch.Tensor, ops, *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int,
+def ratio_loop(policy, plan: DDIMPlan, cache, state: Callable[[int], torch.Tensor], rows: torch.Tensor, labels,
+               steps: list[int], out: torch.Tensor, ops, *, clip_x0, sigma_floor: float, dtype: torch.dtype, divisor: int,
                prediction_type: str = "epsilon") -> torch.Tensor:
     """No-grad ratio pass: out[j, b] = (logp_theta(x_{i+1} | x_i) - logp_old[i]) / divisor at the step
     i = steps[j], for the samples ``rows`` [m] (raw per-step log r, unclipped; divisor 1 for the sum
-    reduction, D for the mean); state 0 is ``x_T`` [B, ...], the rollout's start. ``out``:
+    reduction, D for the mean); ``state(i)`` is x_i [B, ...] (``PPOTrainer.state``: the rollout's start x_T
+    for i = 0, else the cache's state i); ``cache`` gives the old log-probs. ``out``:
     [len(steps), m] float64. Capturable."""
     m = rows.shape[0]
     for j, i in enumerate(steps):
-        x = (x_T if i == 0 else cache.state(i)).index_select(0, rows).to(dtype)
-        action = cache.state(i + 1).index_select(0, rows).to(dtype)
+        x = state(i).index_select(0, rows).to(dtype)
+        action = state(i + 1).index_select(0, rows).to(dtype)
         t, *coefs = plan.step(i, m)
         eps = policy(x, t, labels)
         _, _, log_prob = ops.ddim_step(x, eps, *coefs, x_prev=action, clip_x0=clip_x0, sigma_floor=sigma_floor,

@@ -234,12 +234,12 @@ class PPOTrainer:
         unet = self.precision.bind(self.policy)
         if not self.use_graphs:
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            return ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows, self._labels(rows), self.trained_steps, out, **kw)
+            return ratio_loop(unet, self.plan, self.cache, self.state, rows, self._labels(rows), self.trained_steps, out, **kw)
         key = ("ratio", m)
         if key not in self._graphs:
             rows_buf = rows.clone()
             out = torch.empty(self.n_train, m, dtype=torch.float64, device=self.device)
-            fn = lambda: ratio_loop(unet, self.plan, self.cache, self._noise.x_T, rows_buf, self._labels(rows_buf),  # noqa: E731
+            fn = lambda: ratio_loop(unet, self.plan, self.cache, self.state, rows_buf, self._labels(rows_buf),  # noqa: E731
                                     self.trained_steps, out, **kw)
             self._graphs[key] = (rows_buf, GraphedCall(fn))
         rows_buf, graph = self._graphs[key]
