@@ -749,11 +749,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         origins.update(dict.fromkeys(flatten(apply_overrides({}, overrides)), "--set"))
     from .ddpm.diffusers_config import apply_pretrained_folder  # a diffusers folder brings its scheduler and UNet configs
 
-    given = config_from_dict(data, source)
-    cfg = apply_pretrained_folder(given, data, source)
-    if cfg is not given:
-        origins.update({k: f"{cfg.model.pretrained} (diffusers config)" for k in flatten(config_to_dict(cfg))
-                        if k not in origins and get_dotted(cfg, k) != get_dotted(given, k)})
+    cfg, from_folder = apply_pretrained_folder(config_from_dict(data, source), data, source)
+    origins.update(dict.fromkeys(from_folder, f"{cfg.model.pretrained} (diffusers config)"))
     return validate_config(cfg, origins, sections) if validate else cfg
 
 

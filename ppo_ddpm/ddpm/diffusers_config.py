@@ -128,16 +128,16 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str = "<config>") -> Config:
+def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str = "<config>") -> tuple[Config, set[str]]:
     """``cfg`` with the configs of the diffusers folder ``model.pretrained`` applied (module docstring):
     its scheduler config and its UNet's config.json; ``data``: the mapping the config was built from (its
-    keys are the explicit ones). Returns ``cfg`` itself when ``model.pretrained`` is not a folder, else a
-    changed copy."""
+    keys are the explicit ones). -> (``cfg`` itself when ``model.pretrained`` is not a folder, else a
+    changed copy; the keys whose value the folder changed)."""
     from .diffusers_unet import unet_folder
 
     folder = Path(cfg.model.pretrained) if cfg.model.pretrained else None
     if folder is None or not folder.is_dir():
-        return cfg
+        return cfg, set()
     values: list[tuple[dict, Path]] = []
     path = find_scheduler_config(folder)
     if path is None:
@@ -152,6 +152,7 @@ def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str =
     if unet_json is not None:
         values.append((unet_values(_read_json(unet_json, "UNet config"), unet_json), unet_json))
     explicit = set(flatten(data or {}))
+    changed: set[str] = set()
     cfg = copy.deepcopy(cfg)
     for found, path in values:
         if "model.sample_size" in found and "data.image_size" not in explicit:
@@ -161,6 +162,7 @@ def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str =
             if key not in explicit:
                 if not _same(ours, value):
                     log.info("%s = %r from %s", key, value, path)
+                    changed.add(key)
                 section, name = key.split(".")
                 setattr(getattr(cfg, section), name, value)
             elif _same(ours, value):
@@ -172,4 +174,4 @@ def apply_pretrained_folder(cfg: Config, data: dict | None = None, source: str =
                 )
             else:
                 log.warning("%s: key '%s' = %r overrides %r from %s", source, key, ours, value, path)
-    return cfg
+    return cfg, changed
