@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ScheduleConfig
+from .ddim import prediction_index
 
 
 def make_betas(kind: str, num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -49,18 +50,21 @@ class NoiseSchedule(nn.Module):
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
         return cls(cfg.kind, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
 
+    def _abar(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """abar_t of per-sample t [B], shaped [B, 1, ...] to broadcast against x [B, ...]."""
+        return self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with per-sample t [B]."""
-        abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        abar = self._abar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def training_target(self, prediction_type: str, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network learns to output at ``q_sample(x0, t, noise)`` (module docstring), [B, ...]."""
+        prediction_index(prediction_type)  # an unknown name: ValueError naming model.prediction_type
         if prediction_type == "epsilon":
             return noise
         if prediction_type == "sample":
             return x0
-        if prediction_type == "v_prediction":
-            abar = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
-            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
-        raise ValueError(f"model.prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
+        abar = self._abar(t, x0)  # v_prediction
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
